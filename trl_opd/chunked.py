@@ -1,0 +1,281 @@
+"""Divergences computed from hidden states and `lm_head` weights, without (N, V) logits held for backward.
+
+The trainer's memory-lean paths. Each function takes the student's and teacher's last hidden states at the N
+loss positions and their output heads, and returns the per-position divergence (N,) and the student's entropy
+(N,); each agrees with `losses.per_token_divergence` on explicitly projected logits (tests check 1e-5 in fp32).
+
+- "full": TRL's `ChunkedDivergenceFunction` (tiles of the projection, never the whole (N, V) logits); "mixed" runs
+  it once per direction.
+- top-k supports: a no-grad pass over token chunks projects both heads chunk by chunk to find the support, the
+  teacher's logits on it and, with a tail, its outside mass and the student's entropy; then the student's logits
+  are recomputed with gradient on the support's columns only (one `(C, |unique ids|)` GEMM per chunk under
+  activation checkpointing). Only the student's tail needs a gradient through its full normaliser: that chunk is
+  projected over the whole vocabulary inside the checkpoint, so backward recomputes it instead of storing it.
+- "sampled_token": TRL's `ChunkedLogProbFunction` for log q_θ(y) (with gradient) and log p_T(y) (without).
+
+Materialised at once: (N, k) or (N, 2k) support tensors, and one (C, V) tile per token chunk of C positions
+(C·V ≈ 2^24 floats), never (N, V).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+from torch.utils.checkpoint import checkpoint
+from trl.kernels.chunked_divergence import ChunkedDivergenceFunction
+from trl.kernels.chunked_logprob import ChunkedLogProbFunction
+from trl.trainer.utils import maybe_gather_lm_head_ctx
+
+from .losses import outside_log_mass, sampled_token_divergence, support_log_probs, token_divergence, topk_support
+
+LOGPROB_VOCAB_CHUNK = 32768  # vocabulary tile of TRL's chunked log-prob kernel (TRL's own default)
+TILE_ELEMENTS = 2**24  # a (C, V) fp32 tile of 64 MiB
+
+
+@dataclass(frozen=True)
+class OutputHead:
+    """An `lm_head` and the logit transform before the softmax: softcap(scale·(W h + b)) / temperature."""
+
+    weight: torch.Tensor
+    bias: torch.Tensor | None = None
+    logit_scale: float = 1.0
+    softcap: float | None = None
+    temperature: float = 1.0
+
+    @classmethod
+    def from_model(cls, model: torch.nn.Module, temperature: float) -> OutputHead:
+        """Read the head and the logit post-processing a causal LM applies (scale, Gemma-style softcapping)."""
+        head = model.get_output_embeddings()
+        config = model.config.get_text_config()
+        weight, bias = head.weight, head.bias
+        if isinstance(weight, torch.distributed.tensor.DTensor):  # FSDP2: gather the sharded head once
+            weight = weight.full_tensor()
+            bias = bias.full_tensor() if bias is not None else None
+        return cls(weight, bias, _logit_scale(config), getattr(config, "final_logit_softcapping", None), temperature)
+
+    def at_temperature(self, temperature: float) -> OutputHead:
+        """The same head read at another temperature."""
+        return replace(self, temperature=temperature)
+
+    def logits(self, hidden: torch.Tensor, columns: torch.Tensor | None = None) -> torch.Tensor:
+        """fp32 transformed logits of `hidden` (n, H) over the whole vocabulary, or over the vocabulary ids `columns`."""
+        weight = self.weight if columns is None else self.weight[columns]
+        z = hidden.float() @ weight.float().t()
+        if self.bias is not None:
+            z = z + (self.bias if columns is None else self.bias[columns]).float()
+        z = z * self.logit_scale
+        if self.softcap is not None:
+            z = self.softcap * torch.tanh(z / self.softcap)
+        return z / self.temperature
+
+
+def _logit_scale(config) -> float:
+    """The multiplier a model applies to its logits (Cohere `logit_scale`, Granite `1/logits_scaling`, ...)."""
+    for name in ("logit_scale", "output_multiplier", "lm_head_multiplier"):
+        value = getattr(config, name, None)
+        if value is not None:
+            return float(value)
+    scaling = getattr(config, "logits_scaling", None)
+    if scaling is not None:
+        return float(scaling) if config.model_type == "hyperclovax" else 1.0 / float(scaling)
+    return 1.0
+
+
+def _kernel_beta(kl_direction: str, beta: float) -> float:
+    return {"forward": 0.0, "reverse": 1.0}.get(kl_direction, beta)
+
+
+def full_divergence(
+    student_hidden: torch.Tensor,
+    teacher_hidden: torch.Tensor,
+    student_head: OutputHead,
+    teacher_head: OutputHead,
+    kl_direction: str,
+    beta: float = 0.5,
+    forward_kl_weight: float = 0.5,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Whole-vocabulary divergence via TRL's chunked kernel; (divergence (N,), student entropy (N,)).
+
+    The kernel takes one temperature; the teacher's own temperature T_t is folded into its logit scale and
+    softcap (both × T_s/T_t), which is exact: c·r·tanh(s·r·z/(c·r))/T_s = c·tanh(s·z/c)/T_t.
+    """
+    ratio = student_head.temperature / teacher_head.temperature
+    teacher_softcap = None if teacher_head.softcap is None else teacher_head.softcap * ratio
+
+    def kernel(kernel_beta: float) -> tuple[torch.Tensor, torch.Tensor]:
+        return ChunkedDivergenceFunction.apply(
+            student_hidden,
+            student_head.weight,
+            student_head.bias,
+            teacher_hidden,
+            teacher_head.weight,
+            teacher_head.bias,
+            kernel_beta,
+            student_head.temperature,
+            student_head.logit_scale,
+            student_head.softcap,
+            teacher_head.logit_scale * ratio,
+            teacher_softcap,
+        )
+
+    if kl_direction == "mixed":
+        forward, entropy = kernel(0.0)
+        reverse, _ = kernel(1.0)
+        return forward_kl_weight * forward + (1 - forward_kl_weight) * reverse, entropy
+    return kernel(_kernel_beta(kl_direction, beta))
+
+
+def _token_chunk(vocab_size: int) -> int:
+    return max(1, TILE_ELEMENTS // vocab_size)
+
+
+def _entropy(logits: torch.Tensor) -> torch.Tensor:
+    log_probs = torch.log_softmax(logits, dim=-1)
+    return -(log_probs.exp() * log_probs).sum(-1)
+
+
+@torch.no_grad()
+def _select_support(
+    student_hidden: torch.Tensor,
+    teacher_hidden: torch.Tensor,
+    student_head: OutputHead,
+    teacher_head: OutputHead,
+    loss_support: str,
+    k: int,
+    add_tail: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """No-grad pass: support ids and validity, teacher logits on them, teacher outside mass, student entropy."""
+    chunk = _token_chunk(teacher_head.weight.shape[0])
+    parts = []
+    for start in range(0, student_hidden.shape[0], chunk):
+        s_logits = student_head.logits(student_hidden[start : start + chunk])
+        t_logits = teacher_head.logits(teacher_hidden[start : start + chunk])
+        index, valid = topk_support(s_logits, t_logits, loss_support, k)
+        t_outside = outside_log_mass(t_logits, index) if add_tail else None
+        parts.append((index, valid, t_logits.gather(-1, index), t_outside, _entropy(s_logits)))
+    index, valid, t_support, t_outside, entropy = (
+        None if parts[0][i] is None else torch.cat([p[i] for p in parts]) for i in range(5)
+    )
+    return index, valid, t_support, t_outside, entropy
+
+
+def _student_support_logits(
+    hidden: torch.Tensor, index: torch.Tensor, head: OutputHead, add_tail: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Student logits on the support (with gradient) and, for the tail, its outside mass (else an empty tensor)."""
+    if add_tail:
+        logits = head.logits(hidden)
+        return logits.gather(-1, index), outside_log_mass(logits, index)
+    columns, position = torch.unique(index, return_inverse=True)
+    return head.logits(hidden, columns).gather(-1, position), hidden.new_empty(0)
+
+
+def topk_divergence(
+    student_hidden: torch.Tensor,
+    teacher_hidden: torch.Tensor,
+    student_head: OutputHead,
+    teacher_head: OutputHead,
+    kl_direction: str,
+    loss_support: str,
+    loss_top_k: int,
+    loss_add_tail: bool = False,
+    beta: float = 0.5,
+    forward_kl_weight: float = 0.5,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k-support divergence (FORMULAS.md §3) from hidden states; (divergence (N,), student entropy (N,))."""
+    index, valid, teacher_support, teacher_outside, entropy = _select_support(
+        student_hidden, teacher_hidden, student_head, teacher_head, loss_support, loss_top_k, loss_add_tail
+    )
+    chunk = _token_chunk(student_head.weight.shape[0])
+    supports, outsides = [], []
+    for start in range(0, student_hidden.shape[0], chunk):
+        sl = slice(start, start + chunk)
+        support, outside = checkpoint(
+            _student_support_logits, student_hidden[sl], index[sl], student_head, loss_add_tail, use_reentrant=False
+        )
+        supports.append(support)
+        outsides.append(outside)
+    student_support = torch.cat(supports) if supports else student_hidden.new_zeros(0, index.shape[-1])
+    student_outside = torch.cat(outsides) if loss_add_tail and outsides else None
+    divergence = token_divergence(
+        support_log_probs(student_support, valid, student_outside),
+        support_log_probs(teacher_support, valid, teacher_outside),
+        kl_direction,
+        forward_kl_weight,
+        beta,
+    )
+    return divergence, entropy
+
+
+def sampled_divergence(
+    student_hidden: torch.Tensor,
+    teacher_hidden: torch.Tensor,
+    student_head: OutputHead,
+    teacher_head: OutputHead,
+    token_ids: torch.Tensor,
+    kl_direction: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sampled-token estimator (FORMULAS.md §4) via TRL's chunked log-prob kernel; (value (N,), entropy (N,))."""
+
+    def token_log_probs(hidden: torch.Tensor, head: OutputHead) -> tuple[torch.Tensor, torch.Tensor]:
+        log_probs, entropy, *_ = ChunkedLogProbFunction.apply(
+            hidden,
+            head.weight,
+            head.bias,
+            token_ids,
+            head.temperature,
+            LOGPROB_VOCAB_CHUNK,
+            head.softcap,
+            head.logit_scale,
+            ("entropy",),
+        )
+        return log_probs, entropy
+
+    student_lp, entropy = token_log_probs(student_hidden, student_head)
+    with torch.no_grad():
+        teacher_lp, _ = token_log_probs(teacher_hidden, teacher_head)
+    return sampled_token_divergence(student_lp, teacher_lp, kl_direction), entropy.detach()
+
+
+def divergence_from_hidden(
+    student_hidden: torch.Tensor,
+    teacher_hidden: torch.Tensor,
+    student_head: OutputHead,
+    teacher_head: OutputHead,
+    *,
+    kl_direction: str,
+    loss_support: str = "full",
+    loss_top_k: int = 32,
+    loss_add_tail: bool = False,
+    beta: float = 0.5,
+    forward_kl_weight: float = 0.5,
+    token_ids: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dispatch on `loss_support`: per-position divergence (N,) and student entropy (N,), both in nats.
+
+    `student_hidden`/`teacher_hidden` are (N, H_s)/(N, H_t) at the loss positions; `token_ids` (N,) are the
+    prefix tokens at those positions (needed by "sampled_token").
+    """
+    if student_hidden.shape[0] == 0:  # nothing to train on in this micro-batch: a zero still tied to the graph
+        empty = student_hidden.sum(-1) * 0.0
+        return empty, empty.detach()
+    with maybe_gather_lm_head_ctx(student_head.weight, student_head.bias, teacher_head.weight, teacher_head.bias):
+        if loss_support == "full":
+            return full_divergence(
+                student_hidden, teacher_hidden, student_head, teacher_head, kl_direction, beta, forward_kl_weight
+            )
+        if loss_support == "sampled_token":
+            return sampled_divergence(student_hidden, teacher_hidden, student_head, teacher_head, token_ids, kl_direction)
+        return topk_divergence(
+            student_hidden,
+            teacher_hidden,
+            student_head,
+            teacher_head,
+            kl_direction,
+            loss_support,
+            loss_top_k,
+            loss_add_tail,
+            beta,
+            forward_kl_weight,
+        )

@@ -1,0 +1,201 @@
+"""`OPDConfig`: TRL's `DistillationConfig` plus the two independent axes of on-policy distillation.
+
+Axis 1, the prefix source (who writes the completions the loss is computed on), and axis 2, the token-level
+divergence and its support (how the student's and teacher's next-token distributions are compared there).
+See `FORMULAS.md` §1–4 for every objective and its source.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from trl import DistillationConfig
+
+PREFIX_SOURCES = ("student", "teacher", "dataset", "mixed")
+OFF_POLICY_SOURCES = ("dataset", "teacher")
+KL_DIRECTIONS = ("forward", "reverse", "jsd", "mixed")
+LOSS_SUPPORTS = ("full", "teacher_topk", "student_topk", "union_topk", "sampled_token")
+TOPK_SUPPORTS = ("teacher_topk", "student_topk", "union_topk")
+NONFINITE_POLICIES = ("stop", "skip")
+DEFAULT_BETA = 1.0  # `DistillationConfig.beta`'s default
+
+
+def _check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"`{name}` must be one of {list(choices)}, got {value!r}.")
+
+
+def _check_unit_interval(name: str, value: float) -> None:
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"`{name}` must be in [0, 1], got {value}. It is a probability/weight: clip it yourself.")
+
+
+def check_sampled_token_pairing(kl_direction: str, prefix_source: str) -> None:
+    """Reject sampled-token estimators whose sampled token does not come from the distribution they assume.
+
+    The reverse estimator E_{y~q_θ}[(log q_θ − log p_T)(y) ∇log q_θ(y)] needs y sampled by the student; the forward
+    one E_{y~p_T}[−∇log q_θ(y)] needs y sampled by the teacher (or the dataset standing in for it). Anything else is a
+    biased estimator of neither divergence (FORMULAS.md §4).
+    """
+    if kl_direction not in ("forward", "reverse"):
+        raise ValueError(
+            f"`loss_support='sampled_token'` estimates a single KL from the sampled token; it is defined for "
+            f"`kl_direction` 'reverse' (student prefixes) or 'forward' (teacher/dataset prefixes), not "
+            f"{kl_direction!r}. Use a top-k or 'full' support for 'jsd' and 'mixed'."
+        )
+    if kl_direction == "reverse" and prefix_source != "student":
+        raise ValueError(
+            f"`loss_support='sampled_token'` with `kl_direction='reverse'` needs tokens sampled by the student, but "
+            f"`prefix_source={prefix_source!r}`. Set `prefix_source='student'`, or use `kl_direction='forward'` on "
+            "teacher/dataset prefixes, or a top-k/'full' support."
+        )
+    if kl_direction == "forward" and prefix_source not in ("teacher", "dataset"):
+        raise ValueError(
+            f"`loss_support='sampled_token'` with `kl_direction='forward'` needs tokens written by the teacher (or "
+            f"the dataset), but `prefix_source={prefix_source!r}`. Set `prefix_source` to 'teacher' or 'dataset', "
+            "or use `kl_direction='reverse'` on student prefixes."
+        )
+
+
+@dataclass
+class OPDConfig(DistillationConfig):
+    r"""
+    Configuration for [`OPDTrainer`]: everything of [`trl.DistillationConfig`] plus the prefix source and the
+    token-level divergence as independent knobs.
+
+    The four classic objectives (FORMULAS.md §1, arXiv 2605.16826):
+
+    | `prefix_source` \ `kl_direction` | `"forward"` KL(p_T‖q_θ) | `"reverse"` KL(q_θ‖p_T) |
+    |---|---|---|
+    | `"teacher"` / `"dataset"` | SFT on teacher soft targets | offline-RL-style distillation |
+    | `"student"` | DAgger-style on-policy SFT | on-policy distillation (OPD) |
+
+    TRL's `beta` is used only with `kl_direction="jsd"` (generalized JSD, GKD); `temperature` is the student's
+    sampling and loss temperature, `teacher_temperature` the teacher's.
+    """
+
+    prefix_source: str = field(
+        default="student",
+        metadata={
+            "help": "Who writes the completions the loss is computed on: 'student' (on-policy samples), 'teacher' "
+            "(teacher samples, same generation settings at `teacher_temperature`), 'dataset' (the dataset's "
+            "`completion` column) or 'mixed' (per generation batch: student with probability "
+            "`student_prefix_fraction`, else `off_policy_source`).",
+            "choices": list(PREFIX_SOURCES),
+        },
+    )
+    off_policy_source: str = field(
+        default="dataset",
+        metadata={
+            "help": "What `prefix_source='mixed'` mixes with student samples: 'dataset' or 'teacher'.",
+            "choices": list(OFF_POLICY_SOURCES),
+        },
+    )
+    student_prefix_fraction: float = field(
+        default=0.5,
+        metadata={
+            "help": "Probability in [0, 1] that a generation batch uses student prefixes under "
+            "`prefix_source='mixed'` (GKD's lambda). Drawn once per generation batch, identically on every rank, "
+            "from a generator seeded by (`seed`, step) so a resumed run draws the same sources."
+        },
+    )
+    kl_direction: str = field(
+        default="reverse",
+        metadata={
+            "help": "Token-level divergence: 'forward' KL(p_T||q), 'reverse' KL(q||p_T), 'jsd' (TRL's generalized "
+            "JSD with `beta`) or 'mixed' (`forward_kl_weight`*forward + (1-`forward_kl_weight`)*reverse).",
+            "choices": list(KL_DIRECTIONS),
+        },
+    )
+    forward_kl_weight: float = field(
+        default=0.5,
+        metadata={"help": "Forward-KL share w in [0, 1] under `kl_direction='mixed'`: w*FKL + (1-w)*RKL per token."},
+    )
+    loss_support: str = field(
+        default="full",
+        metadata={
+            "help": "Where the divergence is evaluated: 'full' vocabulary (TRL's chunked kernel), the top-k set of "
+            "the teacher ('teacher_topk'), of the student ('student_topk') or their union ('union_topk') with both "
+            "distributions renormalised on it, or only the sampled token ('sampled_token', the log-ratio estimator).",
+            "choices": list(LOSS_SUPPORTS),
+        },
+    )
+    loss_top_k: int = field(
+        default=32,
+        metadata={"help": "k of the top-k supports (Fu et al. use 32 for the teacher, Li et al. 16 for the student)."},
+    )
+    loss_add_tail: bool = field(
+        default=False,
+        metadata={
+            "help": "Top-k supports only: instead of renormalising, add one bucket holding each distribution's mass "
+            "outside the support, so a truncated KL stays a true KL (never negative)."
+        },
+    )
+    teacher_temperature: float | None = field(
+        default=None,
+        metadata={
+            "help": "Teacher softmax temperature for the loss and for teacher sampling. None: same as `temperature`."
+        },
+    )
+    mask_special_tokens: bool = field(
+        default=True,
+        metadata={
+            "help": "Exclude completion positions whose target token is a special/template token (end-of-turn "
+            "markers other than the EOS that ends the answer, think tags, ...) from the loss (Fu et al.)."
+        },
+    )
+    mask_eos_token: bool = field(
+        default=False,
+        metadata={
+            "help": "With `mask_special_tokens`, also exclude the EOS that ends the answer. Off by default: the "
+            "student must still learn when to stop."
+        },
+    )
+    nonfinite_policy: str = field(
+        default="stop",
+        metadata={
+            "help": "What to do when the teacher's or student's logits, or the loss, are NaN/inf: 'stop' raises "
+            "with the step and batch index; 'skip' logs a warning and contributes zero loss for that micro-batch.",
+            "choices": list(NONFINITE_POLICIES),
+        },
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check_choice("prefix_source", self.prefix_source, PREFIX_SOURCES)
+        _check_choice("off_policy_source", self.off_policy_source, OFF_POLICY_SOURCES)
+        _check_choice("kl_direction", self.kl_direction, KL_DIRECTIONS)
+        _check_choice("loss_support", self.loss_support, LOSS_SUPPORTS)
+        _check_choice("nonfinite_policy", self.nonfinite_policy, NONFINITE_POLICIES)
+        _check_unit_interval("student_prefix_fraction", self.student_prefix_fraction)
+        _check_unit_interval("forward_kl_weight", self.forward_kl_weight)
+        if isinstance(self.loss_top_k, bool) or not isinstance(self.loss_top_k, int) or self.loss_top_k < 1:
+            raise ValueError(f"`loss_top_k` must be an integer >= 1, got {self.loss_top_k!r}.")
+        if self.temperature <= 0:
+            raise ValueError(f"`temperature` must be > 0, got {self.temperature}.")
+        if self.teacher_temperature is not None and self.teacher_temperature <= 0:
+            raise ValueError(
+                f"`teacher_temperature` must be > 0 (or None to reuse `temperature`), got {self.teacher_temperature}."
+            )
+        if self.kl_direction != "jsd" and self.beta != DEFAULT_BETA:
+            raise ValueError(
+                f"`beta={self.beta}` only applies to `kl_direction='jsd'`, but `kl_direction={self.kl_direction!r}`. "
+                "Set `kl_direction='jsd'` to use the generalized JSD, or leave `beta` at its default."
+            )
+        if self.loss_add_tail and self.loss_support not in TOPK_SUPPORTS:
+            raise ValueError(
+                f"`loss_add_tail=True` adds an outside-the-support bucket to a top-k support, but `loss_support="
+                f"{self.loss_support!r}`. Use one of {list(TOPK_SUPPORTS)} or set `loss_add_tail=False`."
+            )
+        if self.loss_support == "sampled_token":
+            check_sampled_token_pairing(self.kl_direction, self.prefix_source)
+        if self.prefix_source in ("teacher", "dataset") and self.use_vllm:
+            raise ValueError(
+                f"`use_vllm=True` generates with the student, but `prefix_source={self.prefix_source!r}` never samples "
+                "from the student. Set `use_vllm=False`, or use `prefix_source='student'`/'mixed'."
+            )
+
+    @property
+    def resolved_teacher_temperature(self) -> float:
+        """The teacher's softmax temperature: `teacher_temperature`, or `temperature` when unset."""
+        return self.temperature if self.teacher_temperature is None else self.teacher_temperature

@@ -1,0 +1,311 @@
+"""`OPDTrainer`: `trl.DistillationTrainer` with the prefix source and the divergence chosen independently.
+
+What is overridden, and why (everything else — generation with HF or vLLM, tool calling, PEFT, DeepSpeed/FSDP
+preparation of both models, buffering of one generation per gradient-accumulation window, logging — is TRL's):
+
+- `_generate_and_score_completions`: draws the batch's prefix source, then lets TRL build the batch; adds the
+  special-token loss mask and recounts `num_items_in_batch` over it.
+- `_generate_single_turn`: student prefixes are TRL's; teacher prefixes run TRL's same generation code on the
+  teacher at its own temperature; dataset prefixes are the tokenised `completion` column.
+- `_compute_loss`: gathers the loss positions' hidden states (TRL's `_get_last_hidden_state`) and hands them to
+  `chunked.divergence_from_hidden`, which reuses TRL's chunked kernels for the full and sampled-token supports.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import warnings
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+from datasets import Dataset
+from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase, ProcessorMixin, TrainerCallback
+from trl import DistillationTrainer
+
+from .chunked import OutputHead, divergence_from_hidden
+from .config import OPDConfig
+from .prefixes import dataset_completion_ids, draw_prefix_source, validate_prompt_dataset
+
+THINK_TAGS = ("<think>", "</think>")
+MULTIMODAL_KEYS = (
+    "pixel_values",
+    "image_grid_thw",
+    "pixel_attention_mask",
+    "spatial_shapes",
+    "image_sizes",
+    "token_type_ids",
+    "mm_token_type_ids",
+    "image_position_ids",
+)
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The teacher's or student's hidden states, or the divergence, were NaN/inf (see `nonfinite_policy`)."""
+
+
+def _vocab_size(model: PreTrainedModel) -> int:
+    return model.config.get_text_config().vocab_size
+
+
+class OPDTrainer(DistillationTrainer):
+    """On-policy distillation with decoupled prefix source × token-level divergence (FORMULAS.md §1–4).
+
+    Takes the same arguments as [`trl.DistillationTrainer`]; `args` must be an [`OPDConfig`]. The teacher is
+    required and must share the student's vocabulary. With `prefix_source` 'dataset' (or 'mixed' with
+    `off_policy_source='dataset'`) the train dataset needs a `completion` column.
+
+    Example (offline, with the toy tokenizer and tiny models of `trl_opd.toy`):
+
+    ```python
+    >>> from datasets import Dataset
+    >>> from trl_opd import OPDConfig, OPDTrainer
+    >>> from trl_opd.toy import build_model, build_tokenizer
+    >>> tokenizer = build_tokenizer()
+    >>> dataset = Dataset.from_dict({"prompt": [[{"role": "user", "content": "1+2?"}]] * 8})
+    >>> args = OPDConfig("out", max_steps=2, per_device_train_batch_size=4, max_completion_length=8, bf16=False)
+    >>> trainer = OPDTrainer(
+    ...     build_model(tokenizer), build_model(tokenizer, seed=1), args, dataset, processing_class=tokenizer
+    ... )
+    >>> trainer.train()
+    ```
+    """
+
+    _tag_names = ["trl", "distillation", "trl-opd"]
+    _name = "OPD"
+
+    def __init__(
+        self,
+        model: str | PreTrainedModel,
+        teacher_model: str | PreTrainedModel | None = None,
+        args: OPDConfig | None = None,
+        train_dataset: Dataset | None = None,
+        eval_dataset: Dataset | dict[str, Dataset] | None = None,
+        processing_class: PreTrainedTokenizerBase | ProcessorMixin | None = None,
+        callbacks: list[TrainerCallback] | None = None,
+        optimizers: tuple[torch.optim.Optimizer | None, torch.optim.lr_scheduler.LambdaLR | None] = (None, None),
+        quantization_config: Any = None,
+        peft_config: Any = None,
+        tools: list[Callable] | None = None,
+    ) -> None:
+        if args is None:
+            name = model if isinstance(model, str) else model.config._name_or_path or "model"
+            args = OPDConfig(f"{str(name).split('/')[-1]}-OPD")
+        if not isinstance(args, OPDConfig):
+            raise TypeError(
+                f"`args` must be an `OPDConfig`, got {type(args).__name__}. Build one with the same fields: "
+                "`OPDConfig(**distillation_config.to_dict())`."
+            )
+        if teacher_model is None:
+            raise ValueError("OPDTrainer needs a `teacher_model` (a model id/path or an instantiated model).")
+        uses_dataset = args.prefix_source == "dataset" or (
+            args.prefix_source == "mixed" and args.off_policy_source == "dataset"
+        )
+        validate_prompt_dataset(train_dataset, "train_dataset", needs_completion=uses_dataset)
+        validate_prompt_dataset(eval_dataset, "eval_dataset", needs_completion=uses_dataset)
+        if tools and uses_dataset:
+            raise ValueError("Tool calling needs generated completions; with tools use `prefix_source` 'student'/'teacher'.")
+        if isinstance(model, PreTrainedModel) and isinstance(teacher_model, PreTrainedModel):
+            self._check_vocabularies(model, teacher_model)
+
+        super().__init__(
+            model=model,
+            teacher_model=teacher_model,
+            args=args,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            processing_class=processing_class,
+            callbacks=callbacks,
+            optimizers=optimizers,
+            quantization_config=quantization_config,
+            peft_config=peft_config,
+            tools=tools,
+        )
+        vocab_size = _vocab_size(self.accelerator.unwrap_model(self.model))
+        if args.loss_support in ("teacher_topk", "student_topk", "union_topk") and args.loss_top_k > vocab_size:
+            raise ValueError(
+                f"`loss_top_k={args.loss_top_k}` exceeds the vocabulary size ({vocab_size}). Lower `loss_top_k` "
+                "(Li et al. find k between 4 and 64 equivalent)."
+            )
+        self.special_token_ids = self._loss_masked_token_ids()
+        self._prefix_source = "student"  # the source of the generation batch being built
+        self._pending_inputs: list[dict[str, Any]] | None = None
+        self._eval_draws = 0
+
+    @staticmethod
+    def _check_vocabularies(student: PreTrainedModel, teacher: PreTrainedModel) -> None:
+        student_vocab, teacher_vocab = _vocab_size(student), _vocab_size(teacher)
+        if student_vocab != teacher_vocab:
+            raise ValueError(
+                f"The student's vocabulary has {student_vocab} entries but the teacher's has {teacher_vocab}. "
+                "Token-level distillation compares next-token distributions over one vocabulary: use a teacher from "
+                "the student's model family (same tokenizer), or resize one embedding to match if the extra rows are "
+                "unused padding."
+            )
+
+    def _loss_masked_token_ids(self) -> torch.Tensor:
+        """Ids excluded from the loss by `mask_special_tokens`: special and think tokens, minus the answer's EOS."""
+        if not self.args.mask_special_tokens:
+            return torch.empty(0, dtype=torch.long)
+        tokenizer = self._tokenizer
+        ids = set(tokenizer.all_special_ids)
+        ids |= {i for i, token in tokenizer.added_tokens_decoder.items() if token.special}
+        ids |= {i for tag in THINK_TAGS if (i := tokenizer.convert_tokens_to_ids(tag)) != tokenizer.unk_token_id}
+        if not self.args.mask_eos_token:
+            ids -= set(self.eos_token_ids)
+        ids.discard(None)
+        return torch.tensor(sorted(ids), dtype=torch.long)
+
+    # ----------------------------------------------------------------------------------------------- prefix source
+
+    def _draw_prefix_source(self, mode: str) -> str:
+        if mode == "train":
+            draw_index = self.state.global_step
+        else:
+            draw_index, self._eval_draws = -1 - self._eval_draws, self._eval_draws + 1
+        return draw_prefix_source(
+            self.args.prefix_source,
+            self.args.off_policy_source,
+            self.args.student_prefix_fraction,
+            self.args.seed,
+            draw_index,
+        )
+
+    def _generate_and_score_completions(self, inputs: list[dict[str, Any]]) -> dict[str, Any]:
+        mode = "train" if self.model.training else "eval"
+        self._prefix_source = self._draw_prefix_source(mode)
+        self._pending_inputs = inputs
+        try:
+            output = super()._generate_and_score_completions(inputs)
+        finally:
+            self._pending_inputs = None
+        self._metrics[mode]["opd/student_prefix"].append(float(self._prefix_source == "student"))
+        self._prefix_source = "student"
+
+        loss_mask = output["completion_mask"] * output.get("tool_mask", 1)
+        special = torch.isin(output["completion_ids"], self.special_token_ids.to(loss_mask.device))
+        output["loss_mask"] = loss_mask * (~special)
+        output["num_items_in_batch"] = self.accelerator.gather(output["loss_mask"].sum()).sum()
+        return output
+
+    def _generate_single_turn(self, prompt_ids, images, multimodal_fields, has_tool_images=False):
+        if self._prefix_source == "dataset":
+            return self._dataset_completions(prompt_ids)
+        if self._prefix_source == "teacher":
+            with self._teacher_generates():
+                return super()._generate_single_turn(prompt_ids, images, multimodal_fields, has_tool_images)
+        return super()._generate_single_turn(prompt_ids, images, multimodal_fields, has_tool_images)
+
+    def _dataset_completions(self, prompt_ids: list[list[int]]) -> list[list[int]]:
+        if self._pending_inputs is None or "completion" not in self._pending_inputs[0]:
+            raise ValueError("Dataset prefixes need a `completion` column in the batch (see `validate_prompt_dataset`).")
+        return [
+            dataset_completion_ids(
+                self._tokenizer,
+                row["prompt"],
+                row["completion"],
+                ids,
+                self.eos_token_ids,
+                self.max_completion_length,
+                **self.chat_template_kwargs,
+            )
+            for row, ids in zip(self._pending_inputs, prompt_ids, strict=True)
+        ]
+
+    @contextlib.contextmanager
+    def _teacher_generates(self) -> Iterator[None]:
+        """Run TRL's HF-generate path with the teacher in the student's place, at the teacher's temperature.
+
+        Swaps the four attributes that path reads (the wrapped model, the vLLM switch, and the generation settings)
+        and restores them, so teacher sampling gets exactly the student's settings, gathering and EOS handling.
+        """
+        temperature = self.args.resolved_teacher_temperature
+        saved = (self.model_wrapped, self.use_vllm, self.generation_config, self.generation_kwargs)
+        generation_kwargs = {**self.generation_kwargs, "temperature": temperature}
+        generation_config = copy.deepcopy(self.generation_config)
+        generation_config.temperature = temperature
+        self.model_wrapped, self.use_vllm = self.teacher_model, False
+        self.generation_config, self.generation_kwargs = generation_config, generation_kwargs
+        try:
+            yield
+        finally:
+            self.model_wrapped, self.use_vllm, self.generation_config, self.generation_kwargs = saved
+
+    # ------------------------------------------------------------------------------------------------------- loss
+
+    def _compute_loss(self, unwrapped_student, inputs, num_items_in_batch):
+        input_ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1)
+        attention_mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
+        logits_to_keep = inputs["completion_ids"].size(1)
+        multimodal_inputs = {key: inputs[key] for key in MULTIMODAL_KEYS if key in inputs}
+
+        student_hidden = self._get_last_hidden_state(
+            unwrapped_student, input_ids, attention_mask, logits_to_keep, **multimodal_inputs
+        )
+        self.teacher_model.eval()
+        unwrapped_teacher = self.accelerator.unwrap_model(self.teacher_model)
+        with torch.no_grad():
+            teacher_hidden = self._forward_redirection(
+                self.teacher_model,
+                unwrapped_teacher,
+                self._get_last_hidden_state,
+                unwrapped_teacher,
+                input_ids,
+                attention_mask,
+                logits_to_keep,
+                **multimodal_inputs,
+            )
+
+        student_head = OutputHead.from_model(unwrapped_student, self.args.temperature)
+        teacher_head = OutputHead.from_model(unwrapped_teacher, self.args.resolved_teacher_temperature)
+        if student_head.weight.device != teacher_head.weight.device:
+            raise ValueError(
+                f"The student `lm_head` is on {student_head.weight.device} but the teacher's is on "
+                f"{teacher_head.weight.device}. Place both heads on the same device in their `device_map`."
+            )
+        device = student_head.weight.device
+        mask = inputs["loss_mask"].to(device).bool()
+        student_hidden = student_hidden.to(device)[mask]
+        teacher_hidden = teacher_hidden.to(device)[mask]
+        if not self._all_finite(teacher_hidden, "teacher hidden states") or not self._all_finite(
+            student_hidden, "student hidden states"
+        ):
+            return student_hidden.new_zeros((), requires_grad=True), student_hidden.new_zeros(()), mask.sum()
+
+        divergence, entropy = divergence_from_hidden(
+            student_hidden,
+            teacher_hidden,
+            student_head,
+            teacher_head,
+            kl_direction=self.args.kl_direction,
+            loss_support=self.args.loss_support,
+            loss_top_k=self.args.loss_top_k,
+            loss_add_tail=self.args.loss_add_tail,
+            beta=self.args.beta,
+            forward_kl_weight=self.args.forward_kl_weight,
+            token_ids=inputs["completion_ids"].to(device)[mask],
+        )
+        if not self._all_finite(divergence, "divergence"):
+            return divergence.new_zeros((), requires_grad=True), entropy.new_zeros(()), mask.sum()
+        denominator = mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch
+        loss = divergence.sum() / denominator
+        return loss, entropy.sum().detach(), mask.sum()
+
+    def _all_finite(self, tensor: torch.Tensor, what: str) -> bool:
+        """True if finite; else raise (`nonfinite_policy='stop'`) or warn and report False ('skip')."""
+        if bool(torch.isfinite(tensor).all()):
+            return True
+        accumulation = max(self.args.gradient_accumulation_steps, 1)
+        message = (
+            f"Non-finite {what} at global step {self.state.global_step}, micro-batch {self._step % accumulation} "
+            f"of the accumulation window ({int((~torch.isfinite(tensor)).sum())} entries)."
+        )
+        if self.args.nonfinite_policy == "stop":
+            raise NonFiniteLossError(
+                f"{message} Training stopped before updating on it. Check the teacher (dtype overflow, e.g. fp16), "
+                "the learning rate, or set `nonfinite_policy='skip'` to skip such micro-batches."
+            )
+        warnings.warn(f"{message} Skipped (`nonfinite_policy='skip'`): it contributes zero loss.", stacklevel=2)
+        self._metrics["train" if self.model.training else "eval"]["opd/skipped_nonfinite"].append(1.0)
+        return False
