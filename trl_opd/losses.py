@@ -20,13 +20,14 @@ NEG_INF = float("-inf")
 def kl_divergence(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
     """KL(p‖q) = Σ_v p(v)(log p(v) − log q(v)) over the last dimension, from log-probabilities.
 
-    Entries with p(v) = 0 contribute 0 (and no gradient); p(v) > 0 with q(v) = 0 gives +inf.
+    Entries with p(v) = 0 contribute 0 (and no gradient); p(v) > 0 with q(v) = 0 gives +inf. The result is clamped
+    at 0: KL ≥ 0 holds exactly, and floating-point rounding of near-equal distributions must not break it.
     """
     has_mass = log_p > NEG_INF
     safe_log_p = torch.where(has_mass, log_p, torch.zeros_like(log_p))
     safe_log_q = torch.where(has_mass, log_q, torch.zeros_like(log_q))
     terms = torch.exp(safe_log_p) * (safe_log_p - safe_log_q)
-    return torch.where(has_mass, terms, torch.zeros_like(terms)).sum(-1)
+    return torch.where(has_mass, terms, torch.zeros_like(terms)).sum(-1).clamp_min(0.0)
 
 
 def generalized_jsd(student_log_probs: torch.Tensor, teacher_log_probs: torch.Tensor, beta: float) -> torch.Tensor:

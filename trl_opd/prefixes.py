@@ -99,11 +99,5 @@ def validate_prompt_dataset(dataset: Dataset | IterableDataset | None, name: str
         return
     if len(dataset) == 0:
         raise ValueError(f"`{name}` is empty: give it at least one row with a `prompt`.")
-    prompts = dataset["prompt"]
-    if any(not prompt for prompt in prompts):
+    if any(not prompt for prompt in dataset["prompt"]):
         raise ValueError(f"`{name}` has empty prompts; drop them, e.g. `{name}.filter(lambda row: row['prompt'])`.")
-    if len({_is_conversational(prompt) for prompt in prompts}) > 1:
-        raise ValueError(
-            f"`{name}` mixes conversational prompts (lists of messages) with plain-text prompts; convert them to one "
-            "format (TRL's `maybe_apply_chat_template` turns messages into text)."
-        )

@@ -1,0 +1,63 @@
+"""`OPDConfig` validation: every bad value fails at construction with a message naming the fix."""
+
+from __future__ import annotations
+
+import pytest
+from trl import DistillationConfig
+
+from trl_opd import OPDConfig
+
+
+def config(tmp_path, **kwargs) -> OPDConfig:
+    return OPDConfig(output_dir=str(tmp_path), report_to=[], bf16=False, **kwargs)
+
+
+def test_defaults_are_classic_opd(tmp_path):
+    args = config(tmp_path)
+    assert isinstance(args, DistillationConfig)
+    assert (args.prefix_source, args.kl_direction, args.loss_support) == ("student", "reverse", "full")
+    assert args.resolved_teacher_temperature == args.temperature
+    assert config(tmp_path, teacher_temperature=0.5).resolved_teacher_temperature == 0.5
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(prefix_source="students"), "prefix_source.*'student'"),
+        (dict(off_policy_source="student"), "off_policy_source"),
+        (dict(kl_direction="kl"), "kl_direction"),
+        (dict(loss_support="topk"), "loss_support"),
+        (dict(nonfinite_policy="ignore"), "nonfinite_policy"),
+        (dict(student_prefix_fraction=1.5), r"student_prefix_fraction.*\[0, 1\]"),
+        (dict(student_prefix_fraction=-0.1), "student_prefix_fraction"),
+        (dict(forward_kl_weight=2.0), "forward_kl_weight"),
+        (dict(loss_top_k=0), "loss_top_k"),
+        (dict(loss_top_k=2.5), "loss_top_k"),
+        (dict(teacher_temperature=0.0), "teacher_temperature"),
+        (dict(beta=0.5), "kl_direction='jsd'"),
+        (dict(loss_add_tail=True), "top-k support"),
+        (dict(loss_support="sampled_token", kl_direction="jsd"), "'reverse'"),
+        (dict(loss_support="sampled_token", kl_direction="reverse", prefix_source="teacher"), "prefix_source='student'"),
+        (dict(loss_support="sampled_token", kl_direction="forward"), "'teacher' or 'dataset'"),
+        (dict(loss_support="sampled_token", kl_direction="reverse", prefix_source="mixed"), "student"),
+    ],
+)
+def test_bad_values_fail_with_the_fix(tmp_path, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        config(tmp_path, **kwargs)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(kl_direction="jsd", beta=0.5),
+        dict(loss_support="sampled_token", kl_direction="forward", prefix_source="dataset"),
+        dict(loss_support="union_topk", loss_add_tail=True, loss_top_k=4),
+        dict(prefix_source="mixed", off_policy_source="teacher", student_prefix_fraction=0.25),
+        dict(kl_direction="mixed", forward_kl_weight=0.9),
+    ],
+)
+def test_meaningful_combinations_are_accepted(tmp_path, kwargs):
+    args = config(tmp_path, **kwargs)
+    for key, value in kwargs.items():
+        assert getattr(args, key) == value
