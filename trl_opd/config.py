@@ -74,6 +74,13 @@ class OPDConfig(DistillationConfig):
     sampling and loss temperature, `teacher_temperature` the teacher's.
     """
 
+    restore_callback_states_from_checkpoint: bool = field(
+        default=True,
+        metadata={
+            "help": "Restore the state of stateful callbacks (schedules, curriculum, EffOPD) on resume. Defaults to "
+            "True, unlike `TrainingArguments`: a resumed run must not restart its schedules."
+        },
+    )
     prefix_source: str = field(
         default="student",
         metadata={

@@ -189,7 +189,22 @@ class OPDTrainer(DistillationTrainer):
         output["num_items_in_batch"] = self.accelerator.gather(output["loss_mask"].sum()).sum()
         return output
 
+    def _sync_generation_knobs(self) -> None:
+        """Push `args.temperature`/`args.max_completion_length` into TRL's cached generation settings.
+
+        TRL copies both into its generation config (and vLLM sampler) at construction; callbacks (schedules, the length
+        curriculum) change `args`, so the copies are refreshed before every generation batch, on every rank alike.
+        """
+        temperature, max_length = self.args.temperature, self.args.max_completion_length
+        self.temperature, self.max_completion_length = temperature, max_length
+        self.generation_kwargs.update(temperature=temperature, max_new_tokens=max_length)
+        self.generation_config.temperature, self.generation_config.max_new_tokens = temperature, max_length
+        if self.use_vllm:
+            self.vllm_generation.temperature = temperature
+            self.vllm_generation.max_completion_length = max_length
+
     def _generate_single_turn(self, prompt_ids, images, multimodal_fields, has_tool_images=False):
+        self._sync_generation_knobs()
         if self._prefix_source == "dataset":
             return self._dataset_completions(prompt_ids)
         if self._prefix_source == "teacher":
@@ -231,6 +246,22 @@ class OPDTrainer(DistillationTrainer):
             yield
         finally:
             self.model_wrapped, self.use_vllm, self.generation_config, self.generation_kwargs = saved
+
+    def _load_callback_state(self) -> None:
+        """Restore stateful callbacks in place on resume.
+
+        `Trainer` rebuilds each one from its JSON constructor arguments, which cannot hold a score function or a
+        prompt list; here the saved `attributes` are set on the callbacks the user passed (matched by class name, in
+        order), so nothing the constructor received is lost and no schedule silently restarts.
+        """
+        if not self.args.restore_callback_states_from_checkpoint:
+            return
+        callbacks = [*self.callback_handler.callbacks, self.control]
+        for name, saved in self.state.stateful_callbacks.items():
+            matching = [callback for callback in callbacks if type(callback).__name__ == name]
+            for callback, data in zip(matching, saved if isinstance(saved, list) else [saved]):
+                for attribute, value in data.get("attributes", {}).items():
+                    setattr(callback, attribute, value)
 
     # ------------------------------------------------------------------------------------------------------- loss
 
