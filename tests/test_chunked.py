@@ -57,14 +57,25 @@ def compare(student_hidden, teacher_hidden, student, teacher, tokens, **kwargs):
 
 @pytest.mark.parametrize("support,direction", itertools.product(SUPPORTS, DIRECTIONS))
 def test_hidden_state_paths_match_logit_reference(support, direction):
-    compare(*heads(bias=False, scale=1.0, softcap=None), kl_direction=direction, loss_support=support,
-            loss_top_k=5, beta=0.3, forward_kl_weight=0.7)
+    compare(
+        *heads(bias=False, scale=1.0, softcap=None),
+        kl_direction=direction,
+        loss_support=support,
+        loss_top_k=5,
+        beta=0.3,
+        forward_kl_weight=0.7,
+    )
 
 
 @pytest.mark.parametrize("support", ("teacher_topk", "student_topk", "union_topk"))
 def test_tail_bucket_path_matches_logit_reference(support):
-    compare(*heads(bias=False, scale=1.0, softcap=None), kl_direction="reverse", loss_support=support,
-            loss_top_k=5, loss_add_tail=True)
+    compare(
+        *heads(bias=False, scale=1.0, softcap=None),
+        kl_direction="reverse",
+        loss_support=support,
+        loss_top_k=5,
+        loss_add_tail=True,
+    )
 
 
 @pytest.mark.parametrize("direction", ["forward", "reverse"])
@@ -74,8 +85,9 @@ def test_sampled_token_path_matches_logit_reference(direction):
 
 @pytest.mark.parametrize("support", ["full", "teacher_topk", "sampled_token"])
 def test_bias_logit_scale_and_softcap_are_applied(support):
-    compare(*heads(bias=True, scale=0.7, softcap=5.0, seed=1), kl_direction="reverse", loss_support=support,
-            loss_top_k=5)
+    compare(
+        *heads(bias=True, scale=0.7, softcap=5.0, seed=1), kl_direction="reverse", loss_support=support, loss_top_k=5
+    )
 
 
 def test_token_chunking_does_not_change_the_result(monkeypatch):
@@ -93,8 +105,14 @@ def test_entropy_is_the_students_at_its_temperature():
     expected = -(log_q.exp() * log_q).sum(-1)
     for support in ("full", "teacher_topk", "sampled_token"):
         _, entropy = divergence_from_hidden(
-            student_hidden, teacher_hidden, student, teacher, kl_direction="reverse", loss_support=support,
-            loss_top_k=5, token_ids=tokens,
+            student_hidden,
+            teacher_hidden,
+            student,
+            teacher,
+            kl_direction="reverse",
+            loss_support=support,
+            loss_top_k=5,
+            token_ids=tokens,
         )
         torch.testing.assert_close(entropy, expected.detach(), rtol=1e-5, atol=1e-5)
 

@@ -37,7 +37,10 @@ def test_defaults_are_classic_opd(tmp_path):
         (dict(beta=0.5), "kl_direction='jsd'"),
         (dict(loss_add_tail=True), "top-k support"),
         (dict(loss_support="sampled_token", kl_direction="jsd"), "'reverse'"),
-        (dict(loss_support="sampled_token", kl_direction="reverse", prefix_source="teacher"), "prefix_source='student'"),
+        (
+            dict(loss_support="sampled_token", kl_direction="reverse", prefix_source="teacher"),
+            "prefix_source='student'",
+        ),
         (dict(loss_support="sampled_token", kl_direction="forward"), "'teacher' or 'dataset'"),
         (dict(loss_support="sampled_token", kl_direction="reverse", prefix_source="mixed"), "student"),
     ],

@@ -55,8 +55,17 @@ def test_full_kl_matches_torch_distributions(direction):
     torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
 
 
-@pytest.mark.parametrize("direction,beta,weight", [("jsd", 0.1, 0.5), ("jsd", 0.5, 0.5), ("jsd", 0.9, 0.5),
-                                                   ("mixed", 0.5, 0.0), ("mixed", 0.5, 0.3), ("mixed", 0.5, 1.0)])
+@pytest.mark.parametrize(
+    "direction,beta,weight",
+    [
+        ("jsd", 0.1, 0.5),
+        ("jsd", 0.5, 0.5),
+        ("jsd", 0.9, 0.5),
+        ("mixed", 0.5, 0.0),
+        ("mixed", 0.5, 0.3),
+        ("mixed", 0.5, 1.0),
+    ],
+)
 def test_jsd_and_mixed_match_numpy(direction, beta, weight):
     student, teacher = logits_pair()
     expected = np_divergence(np_softmax(student.numpy()), np_softmax(teacher.numpy()), direction, weight, beta)
@@ -85,7 +94,9 @@ def test_temperatures_scale_each_side():
 def test_identical_distributions_give_zero(direction):
     student, _ = logits_pair()
     for support in ("full", *TOPK):
-        got = per_token_divergence(student, student.clone(), kl_direction=direction, loss_support=support, loss_top_k=4)
+        got = per_token_divergence(
+            student, student.clone(), kl_direction=direction, loss_support=support, loss_top_k=4
+        )
         assert got.abs().max() < 1e-12, support
 
 
@@ -166,8 +177,14 @@ def _np_topk_reference(student, teacher, support, k, tail, direction, weight=0.5
 def test_topk_supports_match_explicit_sets(support, direction, tail):
     student, teacher = logits_pair(scale=1.5)
     got = per_token_divergence(
-        student, teacher, kl_direction=direction, loss_support=support, loss_top_k=4, loss_add_tail=tail,
-        beta=0.3, forward_kl_weight=0.6,
+        student,
+        teacher,
+        kl_direction=direction,
+        loss_support=support,
+        loss_top_k=4,
+        loss_add_tail=tail,
+        beta=0.3,
+        forward_kl_weight=0.6,
     )
     expected = _np_topk_reference(student, teacher, support, 4, tail, direction, weight=0.6, beta=0.3)
     np.testing.assert_allclose(got.numpy(), expected, rtol=1e-8, atol=1e-10)
@@ -226,7 +243,10 @@ def test_sampled_token_gradient_is_exact_kl_gradient_in_expectation(direction):
     student.requires_grad_(True)
     vocab = torch.arange(7)
     values = per_token_divergence(
-        student.expand(7, 7), teacher.expand(7, 7), kl_direction=direction, loss_support="sampled_token",
+        student.expand(7, 7),
+        teacher.expand(7, 7),
+        kl_direction=direction,
+        loss_support="sampled_token",
         sampled_token_ids=vocab,
     )
     sampler = student.detach() if direction == "reverse" else teacher
@@ -234,8 +254,10 @@ def test_sampled_token_gradient_is_exact_kl_gradient_in_expectation(direction):
     (expected_grad,) = torch.autograd.grad((probabilities * values).sum(), student)
     (exact_grad,) = torch.autograd.grad(per_token_divergence(student, teacher, kl_direction=direction), student)
     torch.testing.assert_close(expected_grad, exact_grad)
-    torch.testing.assert_close((probabilities * values.detach()).sum(), per_token_divergence(
-        student.detach(), teacher, kl_direction=direction))
+    torch.testing.assert_close(
+        (probabilities * values.detach()).sum(),
+        per_token_divergence(student.detach(), teacher, kl_direction=direction),
+    )
 
 
 @pytest.mark.parametrize(

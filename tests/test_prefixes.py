@@ -53,7 +53,9 @@ def test_conversational_completion_is_what_follows_the_generation_prompt(tokeniz
 
 
 def test_plain_completion_gets_eos_and_truncation(tokenizer):
-    ids = dataset_completion_ids(tokenizer, "1+2?", " 3", tokenizer("1+2?")["input_ids"], [tokenizer.eos_token_id], None)
+    ids = dataset_completion_ids(
+        tokenizer, "1+2?", " 3", tokenizer("1+2?")["input_ids"], [tokenizer.eos_token_id], None
+    )
     assert tokenizer.decode(ids) == " 3<|im_end|>"
     cut = dataset_completion_ids(tokenizer, "1+2?", " 345", [], [tokenizer.eos_token_id], 2)
     assert tokenizer.decode(cut) == " 3"

@@ -70,8 +70,14 @@ def test_every_objective_trains_and_writes_a_loadable_checkpoint(
 ):
     before = weights(student)
     trainer = build(
-        student, teacher, tokenizer, tmp_path, prefix_source=prefix_source, kl_direction=kl_direction,
-        save_strategy="steps", save_steps=3,
+        student,
+        teacher,
+        tokenizer,
+        tmp_path,
+        prefix_source=prefix_source,
+        kl_direction=kl_direction,
+        save_strategy="steps",
+        save_steps=3,
     )
     trainer.train()
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
@@ -129,8 +135,15 @@ def test_dataset_prefixes_are_the_completion_column(student, teacher, tokenizer,
 
 def test_mixed_draws_follow_the_seeded_schedule(student, teacher, tokenizer, tmp_path):
     trainer = build(
-        student, teacher, tokenizer, tmp_path, prefix_source="mixed", off_policy_source="dataset",
-        student_prefix_fraction=0.5, max_steps=8, per_device_train_batch_size=2,
+        student,
+        teacher,
+        tokenizer,
+        tmp_path,
+        prefix_source="mixed",
+        off_policy_source="dataset",
+        student_prefix_fraction=0.5,
+        max_steps=8,
+        per_device_train_batch_size=2,
     )
     batches = capture_batches(trainer)
     trainer.train()
@@ -148,13 +161,28 @@ def test_mixed_draws_follow_the_seeded_schedule(student, teacher, tokenizer, tmp
 
 @pytest.mark.parametrize(
     "support,direction",
-    [("full", "reverse"), ("full", "forward"), ("full", "jsd"), ("full", "mixed"), ("teacher_topk", "reverse"),
-     ("student_topk", "mixed"), ("union_topk", "forward"), ("sampled_token", "reverse")],
+    [
+        ("full", "reverse"),
+        ("full", "forward"),
+        ("full", "jsd"),
+        ("full", "mixed"),
+        ("teacher_topk", "reverse"),
+        ("student_topk", "mixed"),
+        ("union_topk", "forward"),
+        ("sampled_token", "reverse"),
+    ],
 )
 def test_student_equal_to_teacher_gives_zero_loss(student, tokenizer, tmp_path, support, direction):
     trainer = build(
-        student, copy.deepcopy(student), tokenizer, tmp_path, kl_direction=direction, loss_support=support,
-        loss_top_k=8, max_steps=2, learning_rate=0.0,
+        student,
+        copy.deepcopy(student),
+        tokenizer,
+        tmp_path,
+        kl_direction=direction,
+        loss_support=support,
+        loss_top_k=8,
+        max_steps=2,
+        learning_rate=0.0,
     )
     trainer.train()
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
@@ -163,17 +191,29 @@ def test_student_equal_to_teacher_gives_zero_loss(student, tokenizer, tmp_path, 
 
 @pytest.mark.parametrize(
     "support,direction,extra",
-    [("full", "reverse", {}), ("full", "mixed", {"forward_kl_weight": 0.3}), ("full", "jsd", {"beta": 0.4}),
-     ("full", "forward", {"teacher_temperature": 0.7, "temperature": 1.3}),
-     ("teacher_topk", "reverse", {"loss_add_tail": True}), ("union_topk", "jsd", {"beta": 0.5}),
-     ("sampled_token", "reverse", {})],
+    [
+        ("full", "reverse", {}),
+        ("full", "mixed", {"forward_kl_weight": 0.3}),
+        ("full", "jsd", {"beta": 0.4}),
+        ("full", "forward", {"teacher_temperature": 0.7, "temperature": 1.3}),
+        ("teacher_topk", "reverse", {"loss_add_tail": True}),
+        ("union_topk", "jsd", {"beta": 0.5}),
+        ("sampled_token", "reverse", {}),
+    ],
 )
 def test_trainer_loss_equals_the_reference_on_explicit_logits(
     student, teacher, tokenizer, tmp_path, support, direction, extra
 ):
     trainer = build(
-        student, teacher, tokenizer, tmp_path, kl_direction=direction, loss_support=support, loss_top_k=6,
-        max_steps=1, **extra,
+        student,
+        teacher,
+        tokenizer,
+        tmp_path,
+        kl_direction=direction,
+        loss_support=support,
+        loss_top_k=6,
+        max_steps=1,
+        **extra,
     )
     batches = capture_batches(trainer)
     trainer.train()
@@ -189,9 +229,16 @@ def test_trainer_loss_equals_the_reference_on_explicit_logits(
     mask = batch["loss_mask"].bool()
     args = trainer.args
     reference = per_token_divergence(
-        student_logits[mask], teacher_logits[mask], kl_direction=direction, loss_support=support,
-        loss_top_k=6, loss_add_tail=args.loss_add_tail, beta=args.beta, forward_kl_weight=args.forward_kl_weight,
-        temperature=args.temperature, teacher_temperature=args.teacher_temperature,
+        student_logits[mask],
+        teacher_logits[mask],
+        kl_direction=direction,
+        loss_support=support,
+        loss_top_k=6,
+        loss_add_tail=args.loss_add_tail,
+        beta=args.beta,
+        forward_kl_weight=args.forward_kl_weight,
+        temperature=args.temperature,
+        teacher_temperature=args.teacher_temperature,
         sampled_token_ids=batch["completion_ids"][mask],
     ).mean()
     torch.testing.assert_close(loss, reference, rtol=1e-5, atol=1e-5)
@@ -199,12 +246,21 @@ def test_trainer_loss_equals_the_reference_on_explicit_logits(
 
 def test_special_tokens_are_masked_but_the_answer_eos_is_kept(student, teacher, tokenizer, tmp_path):
     dataset = make_dataset(4).map(
-        lambda row: {"completion": [{"role": "assistant", "content": "<think>1</think>" + row["completion"][0]["content"]}]}
+        lambda row: {
+            "completion": [{"role": "assistant", "content": "<think>1</think>" + row["completion"][0]["content"]}]
+        }
     )
     for mask_special in (True, False):
         trainer = build(
-            student, teacher, tokenizer, tmp_path, dataset=dataset, prefix_source="dataset", max_steps=1,
-            max_completion_length=32, mask_special_tokens=mask_special,
+            student,
+            teacher,
+            tokenizer,
+            tmp_path,
+            dataset=dataset,
+            prefix_source="dataset",
+            max_steps=1,
+            max_completion_length=32,
+            mask_special_tokens=mask_special,
         )
         batches = capture_batches(trainer)
         trainer.train()
@@ -226,7 +282,10 @@ def test_same_seed_gives_the_same_first_losses(tokenizer, tmp_path):
         trainer = build(
             build_model(tokenizer, hidden_size=32, num_layers=1, seed=0),
             build_model(tokenizer, hidden_size=48, num_layers=2, seed=1),
-            tokenizer, tmp_path / str(run), prefix_source="mixed", kl_direction="mixed",
+            tokenizer,
+            tmp_path / str(run),
+            prefix_source="mixed",
+            kl_direction="mixed",
         )
         trainer.train()
         runs.append([entry["loss"] for entry in trainer.state.log_history if "loss" in entry])
@@ -281,7 +340,12 @@ def test_args_must_be_an_opd_config(student, teacher, tokenizer, tmp_path):
     from trl import DistillationConfig
 
     with pytest.raises(TypeError, match="OPDConfig"):
-        OPDTrainer(student, teacher, DistillationConfig(str(tmp_path), report_to=[], bf16=False), make_dataset(),
-                   processing_class=tokenizer)
+        OPDTrainer(
+            student,
+            teacher,
+            DistillationConfig(str(tmp_path), report_to=[], bf16=False),
+            make_dataset(),
+            processing_class=tokenizer,
+        )
     with pytest.raises(ValueError, match="teacher_model"):
         OPDTrainer(student, None, make_config(tmp_path), make_dataset(), processing_class=tokenizer)

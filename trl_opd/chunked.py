@@ -8,13 +8,14 @@ loss positions and their output heads, and returns the per-position divergence (
   it once per direction.
 - top-k supports: a no-grad pass over token chunks projects both heads chunk by chunk to find the support, the
   teacher's logits on it and, with a tail, its outside mass and the student's entropy; then the student's logits
-  are recomputed with gradient on the support's columns only (one `(C, |unique ids|)` GEMM per chunk under
-  activation checkpointing). Only the student's tail needs a gradient through its full normaliser: that chunk is
-  projected over the whole vocabulary inside the checkpoint, so backward recomputes it instead of storing it.
+  are recomputed with gradient on the support only (under activation checkpointing): each position gathers its
+  own k head rows, k·H work per position instead of V·H. Only the student's tail needs a gradient through its
+  full normaliser: that chunk is projected over the whole vocabulary inside the checkpoint, so backward
+  recomputes it instead of storing it.
 - "sampled_token": TRL's `ChunkedLogProbFunction` for log q_θ(y) (with gradient) and log p_T(y) (without).
 
-Materialised at once: (N, k) or (N, 2k) support tensors, and one (C, V) tile per token chunk of C positions
-(C·V ≈ 2^24 floats), never (N, V).
+Materialised at once: (N, k) or (N, 2k) support tensors, and one (C, V) or (C, k, H) tile per token chunk of C
+positions (≈ 2^24 floats), never (N, V).
 """
 
 from __future__ import annotations
@@ -58,12 +59,21 @@ class OutputHead:
         """The same head read at another temperature."""
         return replace(self, temperature=temperature)
 
-    def logits(self, hidden: torch.Tensor, columns: torch.Tensor | None = None) -> torch.Tensor:
-        """fp32 transformed logits of `hidden` (n, H) over the whole vocabulary, or over the vocabulary ids `columns`."""
-        weight = self.weight if columns is None else self.weight[columns]
-        z = hidden.float() @ weight.float().t()
-        if self.bias is not None:
-            z = z + (self.bias if columns is None else self.bias[columns]).float()
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """fp32 transformed logits of `hidden` (n, H) over the whole vocabulary: (n, V)."""
+        z = hidden.float() @ self.weight.float().t()
+        return self._transform(z if self.bias is None else z + self.bias.float())
+
+    def logits_at(self, hidden: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """fp32 transformed logits of `hidden` (n, H) at the vocabulary ids `index` (n, K) only: (n, K).
+
+        Gathers the K head rows each position needs and takes K dot products: n·K·H work instead of n·V·H.
+        """
+        rows = self.weight[index].float()  # (n, K, H)
+        z = torch.bmm(rows, hidden.float().unsqueeze(-1)).squeeze(-1)
+        return self._transform(z if self.bias is None else z + self.bias[index].float())
+
+    def _transform(self, z: torch.Tensor) -> torch.Tensor:
         z = z * self.logit_scale
         if self.softcap is not None:
             z = self.softcap * torch.tanh(z / self.softcap)
@@ -126,8 +136,8 @@ def full_divergence(
     return kernel(_kernel_beta(kl_direction, beta))
 
 
-def _token_chunk(vocab_size: int) -> int:
-    return max(1, TILE_ELEMENTS // vocab_size)
+def _token_chunk(elements_per_position: int) -> int:
+    return max(1, TILE_ELEMENTS // elements_per_position)
 
 
 def _entropy(logits: torch.Tensor) -> torch.Tensor:
@@ -167,8 +177,7 @@ def _student_support_logits(
     if add_tail:
         logits = head.logits(hidden)
         return logits.gather(-1, index), outside_log_mass(logits, index)
-    columns, position = torch.unique(index, return_inverse=True)
-    return head.logits(hidden, columns).gather(-1, position), hidden.new_empty(0)
+    return head.logits_at(hidden, index), hidden.new_empty(0)
 
 
 def topk_divergence(
@@ -187,7 +196,8 @@ def topk_divergence(
     index, valid, teacher_support, teacher_outside, entropy = _select_support(
         student_hidden, teacher_hidden, student_head, teacher_head, loss_support, loss_top_k, loss_add_tail
     )
-    chunk = _token_chunk(student_head.weight.shape[0])
+    width = student_head.weight.shape[0] if loss_add_tail else index.shape[-1] * student_head.weight.shape[1]
+    chunk = _token_chunk(width)
     supports, outsides = [], []
     for start in range(0, student_hidden.shape[0], chunk):
         sl = slice(start, start + chunk)
@@ -266,7 +276,9 @@ def divergence_from_hidden(
                 student_hidden, teacher_hidden, student_head, teacher_head, kl_direction, beta, forward_kl_weight
             )
         if loss_support == "sampled_token":
-            return sampled_divergence(student_hidden, teacher_hidden, student_head, teacher_head, token_ids, kl_direction)
+            return sampled_divergence(
+                student_hidden, teacher_hidden, student_head, teacher_head, token_ids, kl_direction
+            )
         return topk_divergence(
             student_hidden,
             teacher_hidden,

@@ -198,8 +198,8 @@ class OPDConfig(DistillationConfig):
             check_sampled_token_pairing(self.kl_direction, self.prefix_source)
         if self.prefix_source in ("teacher", "dataset") and self.use_vllm:
             raise ValueError(
-                f"`use_vllm=True` generates with the student, but `prefix_source={self.prefix_source!r}` never samples "
-                "from the student. Set `use_vllm=False`, or use `prefix_source='student'`/'mixed'."
+                f"`use_vllm=True` generates with the student, but `prefix_source={self.prefix_source!r}` never "
+                "samples from the student. Set `use_vllm=False`, or use `prefix_source='student'`/'mixed'."
             )
 
     @property

@@ -44,7 +44,9 @@ def generalized_jsd(student_log_probs: torch.Tensor, teacher_log_probs: torch.Te
     neither = (student_log_probs == NEG_INF) & (teacher_log_probs == NEG_INF)
     safe_student = student_log_probs.masked_fill(neither, 0.0)
     safe_teacher = teacher_log_probs.masked_fill(neither, 0.0)
-    log_m = torch.logaddexp(safe_student + math.log1p(-beta), safe_teacher + math.log(beta)).masked_fill(neither, NEG_INF)
+    log_m = torch.logaddexp(safe_student + math.log1p(-beta), safe_teacher + math.log(beta)).masked_fill(
+        neither, NEG_INF
+    )
     return beta * kl_divergence(teacher_log_probs, log_m) + (1 - beta) * kl_divergence(student_log_probs, log_m)
 
 
@@ -196,9 +198,7 @@ def per_token_divergence(
     if loss_support not in LOSS_SUPPORTS:
         raise ValueError(f"`loss_support` must be one of {list(LOSS_SUPPORTS)}, got {loss_support!r}.")
     if loss_add_tail and loss_support not in TOPK_SUPPORTS:
-        raise ValueError(
-            f"`loss_add_tail=True` needs a top-k support ({list(TOPK_SUPPORTS)}), got {loss_support!r}."
-        )
+        raise ValueError(f"`loss_add_tail=True` needs a top-k support ({list(TOPK_SUPPORTS)}), got {loss_support!r}.")
     teacher_temperature = temperature if teacher_temperature is None else teacher_temperature
     student_logits = student_logits / temperature
     teacher_logits = teacher_logits / teacher_temperature

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 from datasets import Dataset
-from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase, ProcessorMixin, TrainerCallback
+from transformers import PreTrainedModel, PreTrainedTokenizerBase, ProcessorMixin, TrainerCallback
 from trl import DistillationTrainer
 
 from .chunked import OutputHead, divergence_from_hidden
@@ -105,7 +105,9 @@ class OPDTrainer(DistillationTrainer):
         validate_prompt_dataset(train_dataset, "train_dataset", needs_completion=uses_dataset)
         validate_prompt_dataset(eval_dataset, "eval_dataset", needs_completion=uses_dataset)
         if tools and uses_dataset:
-            raise ValueError("Tool calling needs generated completions; with tools use `prefix_source` 'student'/'teacher'.")
+            raise ValueError(
+                "Tool calling needs generated completions; with tools use `prefix_source` 'student'/'teacher'."
+            )
         if isinstance(model, PreTrainedModel) and isinstance(teacher_model, PreTrainedModel):
             self._check_vocabularies(model, teacher_model)
 
@@ -214,7 +216,9 @@ class OPDTrainer(DistillationTrainer):
 
     def _dataset_completions(self, prompt_ids: list[list[int]]) -> list[list[int]]:
         if self._pending_inputs is None or "completion" not in self._pending_inputs[0]:
-            raise ValueError("Dataset prefixes need a `completion` column in the batch (see `validate_prompt_dataset`).")
+            raise ValueError(
+                "Dataset prefixes need a `completion` column in the batch (see `validate_prompt_dataset`)."
+            )
         return [
             dataset_completion_ids(
                 self._tokenizer,
