@@ -24,6 +24,7 @@ from datasets import Dataset
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, ProcessorMixin, TrainerCallback
 from trl import DistillationTrainer
 
+from .checkpoints import resolve_resume_checkpoint
 from .chunked import OutputHead, divergence_from_hidden
 from .config import OPDConfig
 from .prefixes import dataset_completion_ids, draw_prefix_source, validate_prompt_dataset
@@ -158,6 +159,11 @@ class OPDTrainer(DistillationTrainer):
             ids -= set(self.eos_token_ids)
         ids.discard(None)
         return torch.tensor(sorted(ids), dtype=torch.long)
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs: Any):
+        """`Trainer.train`, resuming only from complete checkpoints (see `trl_opd.checkpoints`)."""
+        checkpoint = resolve_resume_checkpoint(resume_from_checkpoint, self.args.output_dir)
+        return super().train(resume_from_checkpoint=checkpoint, **kwargs)
 
     # ----------------------------------------------------------------------------------------------- prefix source
 
