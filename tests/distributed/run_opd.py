@@ -1,0 +1,70 @@
+"""Two OPD steps under `accelerate launch`; each rank writes what it drew and the losses it saw to --out."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+from accelerate import PartialState
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from conftest import make_config, make_dataset  # noqa: E402
+
+from trl_opd import OPDTrainer  # noqa: E402
+from trl_opd.toy import build_model, build_tokenizer  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--loss_support", default="full")
+    cli = parser.parse_args()
+    tokenizer = build_tokenizer()
+    args = make_config(
+        cli.out / "run",
+        max_steps=2,
+        per_device_train_batch_size=2,
+        prefix_source="mixed",
+        off_policy_source="teacher",
+        student_prefix_fraction=0.5,
+        kl_direction="mixed",
+        loss_support=cli.loss_support,
+        loss_top_k=8,
+        save_strategy="no",
+        seed=4,  # draws student then teacher: both sources are exercised in two steps
+        use_cpu=not torch.cuda.is_available(),  # gloo on CPU under the torchrun launcher
+    )
+    trainer = OPDTrainer(
+        model=build_model(tokenizer, hidden_size=32, num_layers=1, seed=0),
+        teacher_model=build_model(tokenizer, hidden_size=48, num_layers=2, seed=1),
+        args=args,
+        train_dataset=make_dataset(16),
+        processing_class=tokenizer,
+    )
+    sources = []
+    original = trainer._generate_and_score_completions
+
+    def record(inputs):
+        output = original(inputs)
+        sources.append(trainer._metrics["train"]["opd/student_prefix"][-1])
+        return output
+
+    trainer._generate_and_score_completions = record
+    trainer.train()
+    state = PartialState()
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    result = {
+        "rank": state.process_index,
+        "world_size": state.num_processes,
+        "student_prefix": sources,
+        "losses": losses,
+        "finite": bool(all(torch.isfinite(torch.tensor(losses)))),
+    }
+    (cli.out / f"rank{state.process_index}.json").write_text(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
