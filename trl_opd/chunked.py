@@ -21,6 +21,7 @@ positions (≈ 2^24 floats), never (N, V).
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import NamedTuple
 
 import torch
 from torch.utils.checkpoint import checkpoint
@@ -145,6 +146,17 @@ def _entropy(logits: torch.Tensor) -> torch.Tensor:
     return -(log_probs.exp() * log_probs).sum(-1)
 
 
+class SupportPass(NamedTuple):
+    """What the no-grad pass over both heads yields for a top-k support, per position."""
+
+    index: torch.Tensor  # (N, K) vocabulary ids of the support
+    valid: torch.Tensor  # (N, K) which slots are real (union duplicates are not)
+    teacher_support: torch.Tensor  # (N, K) teacher logits on the support
+    teacher_outside: torch.Tensor | None  # (N,) log of the teacher's unnormalised mass outside, with a tail
+    student_entropy: torch.Tensor  # (N,)
+    teacher_entropy: torch.Tensor  # (N,)
+
+
 @torch.no_grad()
 def _select_support(
     student_hidden: torch.Tensor,
@@ -154,8 +166,8 @@ def _select_support(
     loss_support: str,
     k: int,
     add_tail: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
-    """No-grad pass: support ids and validity, teacher logits on them, teacher outside mass, student entropy."""
+) -> SupportPass:
+    """No-grad pass, chunk by chunk: the support and what the loss needs from the teacher on it, and entropies."""
     chunk = _token_chunk(teacher_head.weight.shape[0])
     parts = []
     for start in range(0, student_hidden.shape[0], chunk):
@@ -163,11 +175,10 @@ def _select_support(
         t_logits = teacher_head.logits(teacher_hidden[start : start + chunk])
         index, valid = topk_support(s_logits, t_logits, loss_support, k)
         t_outside = outside_log_mass(t_logits, index) if add_tail else None
-        parts.append((index, valid, t_logits.gather(-1, index), t_outside, _entropy(s_logits)))
-    index, valid, t_support, t_outside, entropy = (
-        None if parts[0][i] is None else torch.cat([p[i] for p in parts]) for i in range(5)
-    )
-    return index, valid, t_support, t_outside, entropy
+        parts.append(
+            SupportPass(index, valid, t_logits.gather(-1, index), t_outside, _entropy(s_logits), _entropy(t_logits))
+        )
+    return SupportPass(*(None if values[0] is None else torch.cat(values) for values in zip(*parts)))
 
 
 def _student_support_logits(
@@ -193,9 +204,24 @@ def topk_divergence(
     forward_kl_weight: float = 0.5,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k-support divergence (FORMULAS.md §3) from hidden states; (divergence (N,), student entropy (N,))."""
-    index, valid, teacher_support, teacher_outside, entropy = _select_support(
+    support = _select_support(
         student_hidden, teacher_hidden, student_head, teacher_head, loss_support, loss_top_k, loss_add_tail
     )
+    student_support, student_outside = _student_support(student_hidden, student_head, support.index, loss_add_tail)
+    divergence = token_divergence(
+        support_log_probs(student_support, support.valid, student_outside),
+        support_log_probs(support.teacher_support, support.valid, support.teacher_outside),
+        kl_direction,
+        forward_kl_weight,
+        beta,
+    )
+    return divergence, support.student_entropy
+
+
+def _student_support(
+    student_hidden: torch.Tensor, student_head: OutputHead, index: torch.Tensor, loss_add_tail: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Student logits on the support with gradient, chunk by chunk under checkpointing (and its outside mass)."""
     width = student_head.weight.shape[0] if loss_add_tail else index.shape[-1] * student_head.weight.shape[1]
     chunk = _token_chunk(width)
     supports, outsides = [], []
@@ -206,16 +232,28 @@ def topk_divergence(
         )
         supports.append(support)
         outsides.append(outside)
-    student_support = torch.cat(supports) if supports else student_hidden.new_zeros(0, index.shape[-1])
-    student_outside = torch.cat(outsides) if loss_add_tail and outsides else None
-    divergence = token_divergence(
-        support_log_probs(student_support, valid, student_outside),
-        support_log_probs(teacher_support, valid, teacher_outside),
-        kl_direction,
-        forward_kl_weight,
-        beta,
+    return torch.cat(supports), torch.cat(outsides) if loss_add_tail else None
+
+
+def entropy_gated_forward_kl(
+    student_hidden: torch.Tensor,
+    teacher_hidden: torch.Tensor,
+    student_head: OutputHead,
+    teacher_head: OutputHead,
+    k: int,
+    threshold: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """EOPD's extra term (Jin et al., arXiv 2603.07079; FORMULAS.md §5): 1[H(p_T) > τ] · KL(p̄_T‖q̄_θ) on the
+    teacher's top-k support, renormalised. Returns (term (N,), gate (N,) as 0/1 floats)."""
+    support = _select_support(student_hidden, teacher_hidden, student_head, teacher_head, "teacher_topk", k, False)
+    student_support, _ = _student_support(student_hidden, student_head, support.index, False)
+    forward = token_divergence(
+        support_log_probs(student_support, support.valid),
+        support_log_probs(support.teacher_support, support.valid),
+        "forward",
     )
-    return divergence, entropy
+    gate = (support.teacher_entropy > threshold).to(forward.dtype)
+    return gate * forward, gate
 
 
 def sampled_divergence(
@@ -227,8 +265,15 @@ def sampled_divergence(
     kl_direction: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Sampled-token estimator (FORMULAS.md §4) via TRL's chunked log-prob kernel; (value (N,), entropy (N,))."""
+    student_lp, entropy = token_log_probs(student_hidden, student_head, token_ids, with_entropy=True)
+    with torch.no_grad():
+        teacher_lp = token_log_probs(teacher_hidden, teacher_head, token_ids)
+    return sampled_token_divergence(student_lp, teacher_lp, kl_direction), entropy.detach()
 
-    def token_log_probs(hidden: torch.Tensor, head: OutputHead) -> tuple[torch.Tensor, torch.Tensor]:
+
+def token_log_probs(hidden: torch.Tensor, head: OutputHead, token_ids: torch.Tensor, with_entropy: bool = False):
+    """log softmax(head(hidden))[token_ids] (N,) via TRL's chunked log-prob kernel; with the entropy (N,) if asked."""
+    with maybe_gather_lm_head_ctx(head.weight, head.bias):
         log_probs, entropy, *_ = ChunkedLogProbFunction.apply(
             hidden,
             head.weight,
@@ -238,14 +283,9 @@ def sampled_divergence(
             LOGPROB_VOCAB_CHUNK,
             head.softcap,
             head.logit_scale,
-            ("entropy",),
+            ("entropy",) if with_entropy else (),
         )
-        return log_probs, entropy
-
-    student_lp, entropy = token_log_probs(student_hidden, student_head)
-    with torch.no_grad():
-        teacher_lp, _ = token_log_probs(teacher_hidden, teacher_head)
-    return sampled_token_divergence(student_lp, teacher_lp, kl_direction), entropy.detach()
+    return (log_probs, entropy) if with_entropy else log_probs
 
 
 def divergence_from_hidden(

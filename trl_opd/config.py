@@ -167,6 +167,60 @@ class OPDConfig(DistillationConfig):
         },
     )
 
+    diagnostics_top_k: int = field(
+        default=16,
+        metadata={"help": "k of the top-k overlap diagnostics (`opd/overlap_ratio`, `opd/overlap_mass_*`)."},
+    )
+    diagnostics_max_positions: int = field(
+        default=256,
+        metadata={
+            "help": "Token diagnostics (overlap, entropies, log-ratio) use at most this many loss positions, once per "
+            "logging step. 0 turns them off (completion-level rates are always logged)."
+        },
+    )
+    repetition_tail_chars: int | None = field(
+        default=None,
+        metadata={
+            "help": "RepRate looks at the last this-many characters of each completion (Luo et al. use 10,000). "
+            "None: 4 characters per token of `max_completion_length`, at most 10,000."
+        },
+    )
+    repetition_threshold: float | None = field(
+        default=None,
+        metadata={
+            "help": "A completion tail is repetitive when its zlib compression ratio exceeds this. None: Luo et al.'s "
+            "10 at 10,000 characters, scaled linearly to `repetition_tail_chars`, at least 3."
+        },
+    )
+    ref_kl_coef: float = field(
+        default=0.0,
+        metadata={
+            "help": "Stable-OPD (Luo et al.): add ref_kl_coef * KL(q_θ || q_ref) per token, q_ref the initial student "
+            "(with PEFT: the base model with the adapter disabled, no second copy). 0 turns it off."
+        },
+    )
+    gold_sft_weight: float = field(
+        default=0.0,
+        metadata={
+            "help": "Stable-OPD (Luo et al.): add gold_sft_weight * NLL of the dataset's `completion` (gold "
+            "solutions) given the prompt. Needs a `completion` column. 0 turns it off."
+        },
+    )
+    eopd_coef: float = field(
+        default=0.0,
+        metadata={
+            "help": "EOPD (Jin et al., arXiv 2603.07079): add eopd_coef * 1[H(p_T) > eopd_entropy_threshold] * "
+            "forward KL on the teacher's top-`loss_top_k` support, per token. 0 turns it off."
+        },
+    )
+    eopd_entropy_threshold: float = field(
+        default=1.0,
+        metadata={
+            "help": "Teacher entropy (nats) above which EOPD's forward-KL term applies. Not published: start near "
+            "the median of the logged `opd/teacher_entropy`."
+        },
+    )
+
     def __post_init__(self) -> None:
         super().__post_init__()
         _check_choice("prefix_source", self.prefix_source, PREFIX_SOURCES)
@@ -178,6 +232,14 @@ class OPDConfig(DistillationConfig):
         _check_unit_interval("forward_kl_weight", self.forward_kl_weight)
         if isinstance(self.loss_top_k, bool) or not isinstance(self.loss_top_k, int) or self.loss_top_k < 1:
             raise ValueError(f"`loss_top_k` must be an integer >= 1, got {self.loss_top_k!r}.")
+        minimums = {"diagnostics_top_k": 1, "diagnostics_max_positions": 0, "repetition_tail_chars": 1}
+        for name, minimum in minimums.items():
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < minimum):
+                raise ValueError(f"`{name}` must be an integer >= {minimum}, got {value!r}.")
+        for name in ("ref_kl_coef", "gold_sft_weight", "eopd_coef", "eopd_entropy_threshold"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"`{name}` must be >= 0 (0 turns it off), got {getattr(self, name)}.")
         if self.temperature <= 0:
             raise ValueError(f"`temperature` must be > 0, got {self.temperature}.")
         if self.teacher_temperature is not None and self.teacher_temperature <= 0:
@@ -201,6 +263,13 @@ class OPDConfig(DistillationConfig):
                 f"`use_vllm=True` generates with the student, but `prefix_source={self.prefix_source!r}` never "
                 "samples from the student. Set `use_vllm=False`, or use `prefix_source='student'`/'mixed'."
             )
+
+    @property
+    def resolved_repetition_tail_chars(self) -> int:
+        """`repetition_tail_chars`, or 4 characters per completion token capped at Luo et al.'s 10,000."""
+        if self.repetition_tail_chars is not None:
+            return self.repetition_tail_chars
+        return min(10_000, 4 * (self.max_completion_length or 2_500))
 
     @property
     def resolved_teacher_temperature(self) -> float:

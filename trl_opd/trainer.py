@@ -20,13 +20,24 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
+from accelerate.utils import is_peft_model
 from datasets import Dataset
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, ProcessorMixin, TrainerCallback
 from trl import DistillationTrainer
+from trl.models import prepare_deepspeed
+from trl.trainer.utils import pad
 
 from .checkpoints import resolve_resume_checkpoint
-from .chunked import OutputHead, divergence_from_hidden
+from .chunked import OutputHead, divergence_from_hidden, entropy_gated_forward_kl, full_divergence, token_log_probs
 from .config import OPDConfig
+from .diagnostics import (
+    TOKEN_DIAGNOSTICS,
+    repeated_token_mask,
+    repetition_rate,
+    repetition_threshold,
+    token_diagnostics,
+    truncation_rate,
+)
 from .prefixes import dataset_completion_ids, draw_prefix_source, validate_prompt_dataset
 
 THINK_TAGS = ("<think>", "</think>")
@@ -103,8 +114,9 @@ class OPDTrainer(DistillationTrainer):
         uses_dataset = args.prefix_source == "dataset" or (
             args.prefix_source == "mixed" and args.off_policy_source == "dataset"
         )
-        validate_prompt_dataset(train_dataset, "train_dataset", needs_completion=uses_dataset)
-        validate_prompt_dataset(eval_dataset, "eval_dataset", needs_completion=uses_dataset)
+        needs_completion = uses_dataset or args.gold_sft_weight > 0
+        validate_prompt_dataset(train_dataset, "train_dataset", needs_completion=needs_completion)
+        validate_prompt_dataset(eval_dataset, "eval_dataset", needs_completion=needs_completion)
         if tools and uses_dataset:
             raise ValueError(
                 "Tool calling needs generated completions; with tools use `prefix_source` 'student'/'teacher'."
@@ -132,6 +144,8 @@ class OPDTrainer(DistillationTrainer):
                 "(Li et al. find k between 4 and 64 equivalent)."
             )
         self.special_token_ids = self._loss_masked_token_ids()
+        self.ref_model = self._prepare_reference() if args.ref_kl_coef > 0 else None
+        self._pending_metrics: dict[str, tuple[torch.Tensor, int]] = {}
         self._prefix_source = "student"  # the source of the generation batch being built
         self._pending_inputs: list[dict[str, Any]] | None = None
         self._eval_draws = 0
@@ -146,6 +160,16 @@ class OPDTrainer(DistillationTrainer):
                 "the student's model family (same tokenizer), or resize one embedding to match if the extra rows are "
                 "unused padding."
             )
+
+    def _prepare_reference(self) -> torch.nn.Module | None:
+        """The frozen initial student for `ref_kl_coef`, prepared like TRL prepares the teacher; None with PEFT,
+        where the base model with the adapter disabled is the reference (no second copy)."""
+        if is_peft_model(self.model):
+            return None
+        reference = copy.deepcopy(self.model).eval().requires_grad_(False)
+        if self.is_deepspeed_enabled:
+            return prepare_deepspeed(reference, self.accelerator)
+        return self.accelerator.prepare_model(reference, evaluation_mode=True)
 
     def _loss_masked_token_ids(self) -> torch.Tensor:
         """Ids excluded from the loss by `mask_special_tokens`: special and think tokens, minus the answer's EOS."""
@@ -195,7 +219,53 @@ class OPDTrainer(DistillationTrainer):
         special = torch.isin(output["completion_ids"], self.special_token_ids.to(loss_mask.device))
         output["loss_mask"] = loss_mask * (~special)
         output["num_items_in_batch"] = self.accelerator.gather(output["loss_mask"].sum()).sum()
+        self._log_completion_rates(output, mode)
+        if self.args.gold_sft_weight > 0:
+            output.update(self._gold_completions(inputs, output))
         return output
+
+    def _log_completion_rates(self, output: dict[str, Any], mode: str) -> None:
+        """TruncRate and RepRate (Luo et al.) over the generation batch, reduced across ranks."""
+        rows = [ids[mask.bool()].tolist() for ids, mask in zip(output["completion_ids"], output["completion_mask"])]
+        tail = self.args.resolved_repetition_tail_chars
+        threshold = self.args.repetition_threshold or repetition_threshold(tail)
+        texts = self._tokenizer.batch_decode(rows, skip_special_tokens=True)
+        local = torch.tensor(
+            [
+                truncation_rate(rows, self.eos_token_ids, self.args.max_completion_length) * len(rows),
+                repetition_rate(texts, tail, threshold) * len(rows),
+                len(rows),
+            ],
+            device=self.accelerator.device,
+        )
+        truncated, repetitive, count = self.accelerator.gather(local.unsqueeze(0)).sum(0).tolist()
+        self._metrics[mode]["opd/truncation_rate"].append(truncated / max(count, 1))
+        self._metrics[mode]["opd/repetition_rate"].append(repetitive / max(count, 1))
+
+    def _gold_completions(self, inputs: list[dict[str, Any]], output: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """The dataset's gold completions, tokenised after each prompt, for the gold-SFT term."""
+        gold = [
+            torch.tensor(
+                dataset_completion_ids(
+                    self._tokenizer,
+                    row["prompt"],
+                    row["completion"],
+                    ids[mask.bool()].tolist(),
+                    self.eos_token_ids,
+                    self.max_completion_length,
+                    **self.chat_template_kwargs,
+                )
+            )
+            for row, ids, mask in zip(inputs, output["prompt_ids"], output["prompt_mask"])
+        ]
+        device = output["completion_ids"].device
+        gold_ids = pad(gold, padding_value=self._tokenizer.pad_token_id, padding_side="right").to(device)
+        gold_mask = pad([torch.ones_like(g) for g in gold], padding_value=0, padding_side="right").to(device)
+        return {
+            "gold_ids": gold_ids,
+            "gold_mask": gold_mask,
+            "gold_num_items": self.accelerator.gather(gold_mask.sum()).sum(),
+        }
 
     def _sync_generation_knobs(self) -> None:
         """Push `args.temperature`/`args.max_completion_length` into TRL's cached generation settings.
@@ -275,31 +345,34 @@ class OPDTrainer(DistillationTrainer):
 
     # ------------------------------------------------------------------------------------------------------- loss
 
-    def _compute_loss(self, unwrapped_student, inputs, num_items_in_batch):
-        input_ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1)
-        attention_mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
-        logits_to_keep = inputs["completion_ids"].size(1)
-        multimodal_inputs = {key: inputs[key] for key in MULTIMODAL_KEYS if key in inputs}
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        output = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        self._flush_metrics()
+        return output
 
-        student_hidden = self._get_last_hidden_state(
-            unwrapped_student, input_ids, attention_mask, logits_to_keep, **multimodal_inputs
-        )
-        self.teacher_model.eval()
-        unwrapped_teacher = self.accelerator.unwrap_model(self.teacher_model)
+    def _hidden_states(self, model, unwrapped, inputs, ids_key: str, mask_key: str) -> torch.Tensor:
+        """Last hidden states of `unwrapped` at the positions predicting `inputs[ids_key]`, via TRL's helper.
+
+        The frozen models (teacher, reference) run under no_grad and through `_forward_redirection`, so FSDP and
+        DeepSpeed materialise their sharded parameters.
+        """
+        input_ids = torch.cat([inputs["prompt_ids"], inputs[ids_key]], dim=1)
+        attention_mask = torch.cat([inputs["prompt_mask"], inputs[mask_key]], dim=1)
+        multimodal = {key: inputs[key] for key in MULTIMODAL_KEYS if key in inputs}
+        args = (unwrapped, input_ids, attention_mask, inputs[ids_key].size(1))
+        if model is None:
+            return self._get_last_hidden_state(*args, **multimodal)
+        model.eval()
         with torch.no_grad():
-            teacher_hidden = self._forward_redirection(
-                self.teacher_model,
-                unwrapped_teacher,
-                self._get_last_hidden_state,
-                unwrapped_teacher,
-                input_ids,
-                attention_mask,
-                logits_to_keep,
-                **multimodal_inputs,
-            )
+            return self._forward_redirection(model, unwrapped, self._get_last_hidden_state, *args, **multimodal)
 
-        student_head = OutputHead.from_model(unwrapped_student, self.args.temperature)
-        teacher_head = OutputHead.from_model(unwrapped_teacher, self.args.resolved_teacher_temperature)
+    def _compute_loss(self, unwrapped_student, inputs, num_items_in_batch):
+        args = self.args
+        diagnostics_due = self._diagnostics_due()
+        self._pending_metrics = dict.fromkeys(self._metric_names(diagnostics_due), (torch.zeros(()), 0))
+        unwrapped_teacher = self.accelerator.unwrap_model(self.teacher_model)
+        student_head = OutputHead.from_model(unwrapped_student, args.temperature)
+        teacher_head = OutputHead.from_model(unwrapped_teacher, args.resolved_teacher_temperature)
         if student_head.weight.device != teacher_head.weight.device:
             raise ValueError(
                 f"The student `lm_head` is on {student_head.weight.device} but the teacher's is on "
@@ -307,31 +380,156 @@ class OPDTrainer(DistillationTrainer):
             )
         device = student_head.weight.device
         mask = inputs["loss_mask"].to(device).bool()
-        student_hidden = student_hidden.to(device)[mask]
-        teacher_hidden = teacher_hidden.to(device)[mask]
-        if not self._all_finite(teacher_hidden, "teacher hidden states") or not self._all_finite(
-            student_hidden, "student hidden states"
+        student_all = self._hidden_states(None, unwrapped_student, inputs, "completion_ids", "completion_mask")
+        student_hidden = student_all.to(device)[mask]
+        teacher_all = self._hidden_states(
+            self.teacher_model, unwrapped_teacher, inputs, "completion_ids", "completion_mask"
+        )
+        teacher_hidden = teacher_all.to(device)[mask]
+        token_ids = inputs["completion_ids"].to(device)[mask]
+        zero = student_hidden.new_zeros((), requires_grad=True)
+        if not (
+            self._all_finite(teacher_hidden, "teacher hidden states")
+            and self._all_finite(student_hidden, "student hidden states")
         ):
-            return student_hidden.new_zeros((), requires_grad=True), student_hidden.new_zeros(()), mask.sum()
+            return zero, student_hidden.new_zeros(()).detach(), mask.sum()
 
         divergence, entropy = divergence_from_hidden(
             student_hidden,
             teacher_hidden,
             student_head,
             teacher_head,
-            kl_direction=self.args.kl_direction,
-            loss_support=self.args.loss_support,
-            loss_top_k=self.args.loss_top_k,
-            loss_add_tail=self.args.loss_add_tail,
-            beta=self.args.beta,
-            forward_kl_weight=self.args.forward_kl_weight,
-            token_ids=inputs["completion_ids"].to(device)[mask],
+            kl_direction=args.kl_direction,
+            loss_support=args.loss_support,
+            loss_top_k=args.loss_top_k,
+            loss_add_tail=args.loss_add_tail,
+            beta=args.beta,
+            forward_kl_weight=args.forward_kl_weight,
+            token_ids=token_ids,
         )
+        if args.ref_kl_coef > 0:
+            divergence = divergence + args.ref_kl_coef * self._reference_kl(
+                unwrapped_student, inputs, mask, student_hidden, student_head
+            )
+        if args.eopd_coef > 0:
+            term, gate = entropy_gated_forward_kl(
+                student_hidden,
+                teacher_hidden,
+                student_head,
+                teacher_head,
+                args.loss_top_k,
+                args.eopd_entropy_threshold,
+            )
+            divergence = divergence + args.eopd_coef * term
+            self._record("opd/eopd_gate_share", gate.sum(), gate.numel())
         if not self._all_finite(divergence, "divergence"):
-            return divergence.new_zeros((), requires_grad=True), entropy.new_zeros(()), mask.sum()
+            return zero, entropy.new_zeros(()), mask.sum()
         denominator = mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch
         loss = divergence.sum() / denominator
+        if args.gold_sft_weight > 0:
+            loss = loss + args.gold_sft_weight * self._gold_nll(unwrapped_student, inputs, student_head)
+        if diagnostics_due:
+            self._token_diagnostics(student_hidden, teacher_hidden, student_head, teacher_head, inputs, mask)
         return loss, entropy.sum().detach(), mask.sum()
+
+    def _reference_kl(self, unwrapped_student, inputs, mask, student_hidden, student_head) -> torch.Tensor:
+        """Per-token KL(q_θ‖q_ref) to the initial student (Stable-OPD, Luo et al.), with TRL's chunked kernel."""
+        if self.ref_model is None:  # PEFT: the base model without the adapter is the reference
+            with torch.no_grad(), unwrapped_student.disable_adapter():
+                reference = self._hidden_states(None, unwrapped_student, inputs, "completion_ids", "completion_mask")
+            reference_head = student_head
+        else:
+            unwrapped_reference = self.accelerator.unwrap_model(self.ref_model)
+            reference = self._hidden_states(
+                self.ref_model, unwrapped_reference, inputs, "completion_ids", "completion_mask"
+            )
+            reference_head = OutputHead.from_model(unwrapped_reference, self.args.temperature)
+        kl, _ = full_divergence(
+            student_hidden, reference.to(student_hidden.device)[mask], student_head, reference_head, "reverse"
+        )
+        self._record("opd/ref_kl", kl.detach().sum(), kl.numel())
+        return kl
+
+    def _gold_nll(self, unwrapped_student, inputs, student_head) -> torch.Tensor:
+        """Mean NLL of the gold completions given their prompts (Stable-OPD's SFT term), normalised like the loss."""
+        hidden = self._hidden_states(None, unwrapped_student, inputs, "gold_ids", "gold_mask")
+        gold_mask = inputs["gold_mask"].to(hidden.device).bool()
+        log_probs = token_log_probs(hidden[gold_mask], student_head, inputs["gold_ids"].to(hidden.device)[gold_mask])
+        count = (
+            inputs["gold_num_items"].clamp(min=1) / self.accelerator.num_processes
+            if self.model.training
+            else gold_mask.sum().clamp(min=1)
+        )
+        self._record("opd/gold_nll", -log_probs.detach().sum(), log_probs.numel())
+        return -log_probs.sum() / count
+
+    # ------------------------------------------------------------------------------------------------ diagnostics
+
+    def _diagnostics_due(self) -> bool:
+        """Token diagnostics run once per logging window: on the first micro-batch of the step that will log."""
+        if self.args.diagnostics_max_positions == 0:
+            return False
+        if not self.model.training:
+            return True
+        steps = self.args.logging_steps if self.args.logging_steps >= 1 else 1
+        first_micro_batch = self._step % max(self.args.gradient_accumulation_steps, 1) == 0
+        return first_micro_batch and (self.state.global_step + 1) % int(steps) == 0
+
+    @torch.no_grad()
+    def _token_diagnostics(self, student_hidden, teacher_hidden, student_head, teacher_head, inputs, mask) -> None:
+        """Overlap, entropies and log-ratios on ≤ `diagnostics_max_positions` evenly spaced loss positions.
+
+        Evenly spaced rather than random: the diagnostics must not consume RNG draws that training depends on.
+        """
+        n = student_hidden.shape[0]
+        if n == 0:
+            return
+        picked = torch.linspace(
+            0, n - 1, min(n, self.args.diagnostics_max_positions), device=student_hidden.device
+        ).long()
+        repeated = repeated_token_mask(inputs["completion_ids"].cpu()).to(mask.device)[mask][picked]
+        stats = token_diagnostics(
+            student_head.logits(student_hidden[picked]),
+            teacher_head.logits(teacher_hidden[picked]),
+            inputs["completion_ids"].to(mask.device)[mask][picked],
+            self.args.diagnostics_top_k,
+            repeated,
+        )
+        for name, value in stats.items():
+            self._record(f"opd/{name}", torch.tensor(value), 1)
+
+    def _metric_names(self, diagnostics_due: bool) -> list[str]:
+        """The metrics this micro-batch may record: a function of the config and the step only, so that every rank
+        reduces the same list (a rank with nothing to report sends zeros)."""
+        names = [
+            name
+            for name, coef in (
+                ("ref_kl", self.args.ref_kl_coef),
+                ("eopd_gate_share", self.args.eopd_coef),
+                ("gold_nll", self.args.gold_sft_weight),
+            )
+            if coef > 0
+        ]
+        if diagnostics_due:
+            names += [*TOKEN_DIAGNOSTICS, "log_ratio_repeated", "log_ratio_non_repeated"]
+        return [f"opd/{name}" for name in names]
+
+    def _record(self, name: str, total: torch.Tensor, count: int) -> None:
+        """Stash a metric's (sum, count) during the forward; `_flush_metrics` reduces it across ranks after it."""
+        self._pending_metrics[name] = (total.detach().float().cpu(), count)
+
+    def _flush_metrics(self) -> None:
+        """Reduce the stashed metrics across ranks in one gather, outside the wrapped forward, and log their means."""
+        if not self._pending_metrics:
+            return
+        names = list(self._pending_metrics)
+        local = torch.tensor([[float(total), float(count)] for total, count in self._pending_metrics.values()])
+        reduced = self.accelerator.gather_for_metrics(local.to(self.accelerator.device).unsqueeze(0)).sum(0)
+        mode = "train" if self.model.training else "eval"
+        for name, (total, count) in zip(names, reduced.tolist()):
+            if count > 0:
+                self._metrics[mode][name].append(total / count)
+        self._pending_metrics = {}
 
     def _all_finite(self, tensor: torch.Tensor, what: str) -> bool:
         """True if finite; else raise (`nonfinite_policy='stop'`) or warn and report False ('skip')."""
