@@ -30,7 +30,7 @@ class StopAfter(TrainerCallback):
             control.should_training_stop = True
 
 
-def trainer_for(tokenizer, output_dir, callbacks=()):
+def trainer_for(tokenizer, output_dir, callbacks=(), n_prompts=16):
     args = make_config(
         output_dir,
         max_steps=6,
@@ -48,7 +48,7 @@ def trainer_for(tokenizer, output_dir, callbacks=()):
         model=build_model(tokenizer, hidden_size=32, num_layers=1, seed=0),
         teacher_model=build_model(tokenizer, hidden_size=48, num_layers=2, seed=1),
         args=args,
-        train_dataset=make_dataset(16),
+        train_dataset=make_dataset(n_prompts),
         processing_class=tokenizer,
         callbacks=list(callbacks),
     )
@@ -58,14 +58,16 @@ def logged(trainer, key):
     return [entry[key] for entry in trainer.state.log_history if key in entry and "train_runtime" not in entry]
 
 
-def test_resumed_run_reproduces_the_uninterrupted_loss_curve(tokenizer, tmp_path):
-    straight = trainer_for(tokenizer, tmp_path / "straight")
+@pytest.mark.parametrize("n_prompts", [16, 8], ids=["resume-in-first-epoch", "resume-in-second-epoch"])
+def test_resumed_run_reproduces_the_uninterrupted_loss_curve(tokenizer, tmp_path, n_prompts):
+    """4 prompts per optimizer step: with 8 prompts, step 3 is in the second epoch, whose shuffle must be replayed."""
+    straight = trainer_for(tokenizer, tmp_path / "straight", n_prompts=n_prompts)
     straight.train()
 
-    interrupted = trainer_for(tokenizer, tmp_path / "resumed", callbacks=[StopAfter(3)])
+    interrupted = trainer_for(tokenizer, tmp_path / "resumed", callbacks=[StopAfter(3)], n_prompts=n_prompts)
     interrupted.train()
     assert interrupted.state.global_step == 3
-    resumed = trainer_for(tokenizer, tmp_path / "resumed")
+    resumed = trainer_for(tokenizer, tmp_path / "resumed", n_prompts=n_prompts)
     resumed.train(resume_from_checkpoint=True)
 
     assert len(logged(straight, "loss")) == 6

@@ -62,17 +62,19 @@ class OutputHead:
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """fp32 transformed logits of `hidden` (n, H) over the whole vocabulary: (n, V)."""
-        z = hidden.float() @ self.weight.float().t()
-        return self._transform(z if self.bias is None else z + self.bias.float())
+        with maybe_gather_lm_head_ctx(self.weight, self.bias):
+            z = hidden.float() @ self.weight.float().t()
+            return self._transform(z if self.bias is None else z + self.bias.float())
 
     def logits_at(self, hidden: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         """fp32 transformed logits of `hidden` (n, H) at the vocabulary ids `index` (n, K) only: (n, K).
 
         Gathers the K head rows each position needs and takes K dot products: n·K·H work instead of n·V·H.
         """
-        rows = self.weight[index].float()  # (n, K, H)
-        z = torch.bmm(rows, hidden.float().unsqueeze(-1)).squeeze(-1)
-        return self._transform(z if self.bias is None else z + self.bias[index].float())
+        with maybe_gather_lm_head_ctx(self.weight, self.bias):
+            rows = self.weight[index].float()  # (n, K, H)
+            z = torch.bmm(rows, hidden.float().unsqueeze(-1)).squeeze(-1)
+            return self._transform(z if self.bias is None else z + self.bias[index].float())
 
     def _transform(self, z: torch.Tensor) -> torch.Tensor:
         z = z * self.logit_scale

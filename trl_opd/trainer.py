@@ -27,6 +27,7 @@ from trl import DistillationTrainer
 from trl.models import prepare_deepspeed
 from trl.trainer.utils import pad
 
+from .callbacks import OPDCallback
 from .checkpoints import resolve_resume_checkpoint
 from .chunked import OutputHead, divergence_from_hidden, entropy_gated_forward_kl, full_divergence, token_log_probs
 from .config import OPDConfig
@@ -39,6 +40,7 @@ from .diagnostics import (
     truncation_rate,
 )
 from .prefixes import dataset_completion_ids, draw_prefix_source, validate_prompt_dataset
+from .sampling import EpochSeededRepeatSampler
 
 THINK_TAGS = ("<think>", "</think>")
 MULTIMODAL_KEYS = (
@@ -185,9 +187,19 @@ class OPDTrainer(DistillationTrainer):
         return torch.tensor(sorted(ids), dtype=torch.long)
 
     def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs: Any):
-        """`Trainer.train`, resuming only from complete checkpoints (see `trl_opd.checkpoints`)."""
+        """`Trainer.train`, resuming only from complete checkpoints (see `trl_opd.checkpoints`).
+
+        The `OPDCallback`s are first handed the `eval_dataset` (their default held-out set) and the checkpoint resumed
+        from (where they saved files, such as EffOPD's anchor weights).
+        """
         checkpoint = resolve_resume_checkpoint(resume_from_checkpoint, self.args.output_dir)
+        for callback in self.callback_handler.callbacks:
+            if isinstance(callback, OPDCallback):
+                callback.prepare(eval_dataset=self.eval_dataset, resume_from_checkpoint=checkpoint)
         return super().train(resume_from_checkpoint=checkpoint, **kwargs)
+
+    def _get_train_sampler(self, dataset=None):
+        return EpochSeededRepeatSampler.like(super()._get_train_sampler(dataset))
 
     # ----------------------------------------------------------------------------------------------- prefix source
 
@@ -327,6 +339,18 @@ class OPDTrainer(DistillationTrainer):
         finally:
             self.model_wrapped, self.use_vllm, self.generation_config, self.generation_kwargs = saved
 
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """Add the `opd/` values of the `OPDCallback`s (schedules, curriculum, EffOPD) to each training log.
+
+        `Trainer.log` stores a copy of `logs` in `state.log_history` and runs the reporting integrations before user
+        callbacks, so a callback's `on_log` cannot add values that reach either; they are merged here instead.
+        """
+        if "loss" in logs:  # a training log entry (evaluation entries carry `eval_loss`)
+            for callback in self.callback_handler.callbacks:
+                if isinstance(callback, OPDCallback):
+                    logs.update(callback.metrics(self.args))
+        super().log(logs, start_time)
+
     def _load_callback_state(self) -> None:
         """Restore stateful callbacks in place on resume.
 
@@ -339,7 +363,10 @@ class OPDTrainer(DistillationTrainer):
         callbacks = [*self.callback_handler.callbacks, self.control]
         for name, saved in self.state.stateful_callbacks.items():
             matching = [callback for callback in callbacks if type(callback).__name__ == name]
-            for callback, data in zip(matching, saved if isinstance(saved, list) else [saved]):
+            # With several instances of a class, `Trainer._save_checkpoint` appends their states at every save
+            # (after the initial ones), so the latest states are the last `len(matching)` entries.
+            states = saved[-len(matching) :] if isinstance(saved, list) and matching else [saved]
+            for callback, data in zip(matching, states):
                 for attribute, value in data.get("attributes", {}).items():
                     setattr(callback, attribute, value)
 

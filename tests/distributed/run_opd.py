@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -55,6 +56,14 @@ def main() -> None:
     trainer._generate_and_score_completions = record
     trainer.train()
     state = PartialState()
+    parameters = dict(trainer.model.named_parameters())
+    gather = contextlib.nullcontext()
+    if trainer.is_deepspeed_enabled and trainer.accelerator.state.deepspeed_plugin.zero_stage == 3:
+        import deepspeed
+
+        gather = deepspeed.zero.GatheredParameters(list(parameters.values()))
+    with gather:
+        checksums = {name: float(param.detach().double().sum()) for name, param in parameters.items()}
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     result = {
         "rank": state.process_index,
@@ -62,6 +71,9 @@ def main() -> None:
         "student_prefix": sources,
         "losses": losses,
         "finite": bool(all(torch.isfinite(torch.tensor(losses)))),
+        "distributed_type": str(trainer.accelerator.distributed_type),
+        "checksums": checksums,
+        "zero_stage": trainer.accelerator.state.deepspeed_plugin.zero_stage if trainer.is_deepspeed_enabled else None,
     }
     (cli.out / f"rank{state.process_index}.json").write_text(json.dumps(result))
 
