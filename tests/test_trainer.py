@@ -322,6 +322,13 @@ def test_vocabulary_mismatch_fails_at_construction(student, tokenizer, tmp_path)
         build(student, other, tokenizer, tmp_path)
 
 
+def test_tokenizer_beyond_the_vocabulary_fails_at_construction(student, teacher, tokenizer, tmp_path):
+    grown = copy.deepcopy(tokenizer)
+    grown.add_special_tokens({"additional_special_tokens": ["<tool>"]})
+    with pytest.raises(ValueError, match=r"'<tool>': 101.*resize_token_embeddings"):
+        OPDTrainer(student, teacher, make_config(tmp_path), make_dataset(), processing_class=grown)
+
+
 @pytest.mark.parametrize(
     "dataset_edit,overrides,match",
     [

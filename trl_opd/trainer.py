@@ -108,8 +108,8 @@ class OPDTrainer(DistillationTrainer):
             args = OPDConfig(f"{str(name).split('/')[-1]}-OPD")
         if not isinstance(args, OPDConfig):
             raise TypeError(
-                f"`args` must be an `OPDConfig`, got {type(args).__name__}. Build one with the same fields: "
-                "`OPDConfig(**distillation_config.to_dict())`."
+                f"`args` must be an `OPDConfig`, got {type(args).__name__}. `OPDConfig` takes every "
+                "`DistillationConfig` field: build it with the same arguments."
             )
         if teacher_model is None:
             raise ValueError("OPDTrainer needs a `teacher_model` (a model id/path or an instantiated model).")
@@ -140,6 +140,7 @@ class OPDTrainer(DistillationTrainer):
             tools=tools,
         )
         vocab_size = _vocab_size(self.accelerator.unwrap_model(self.model))
+        self._check_tokenizer(vocab_size)
         if args.loss_support in ("teacher_topk", "student_topk", "union_topk") and args.loss_top_k > vocab_size:
             raise ValueError(
                 f"`loss_top_k={args.loss_top_k}` exceeds the vocabulary size ({vocab_size}). Lower `loss_top_k` "
@@ -161,6 +162,21 @@ class OPDTrainer(DistillationTrainer):
                 "Token-level distillation compares next-token distributions over one vocabulary: use a teacher from "
                 "the student's model family (same tokenizer), or resize one embedding to match if the extra rows are "
                 "unused padding."
+            )
+
+    def _check_tokenizer(self, vocab_size: int) -> None:
+        """The tokenizer must address only rows both models have: special tokens included."""
+        tokenizer = self._tokenizer
+        outside = {
+            token: index
+            for token, index in zip(tokenizer.all_special_tokens, tokenizer.all_special_ids)
+            if index is None or index >= vocab_size
+        }
+        if len(tokenizer) > vocab_size or outside:
+            raise ValueError(
+                f"The tokenizer ({len(tokenizer)} tokens; special tokens beyond the vocabulary: {outside or 'none'}) "
+                f"does not fit the models' vocabulary of {vocab_size}. Use the student's own tokenizer, or call "
+                "`resize_token_embeddings(len(tokenizer))` on both models after adding tokens."
             )
 
     def _prepare_reference(self) -> torch.nn.Module | None:
