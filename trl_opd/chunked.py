@@ -205,7 +205,7 @@ def topk_divergence(
     beta: float = 0.5,
     forward_kl_weight: float = 0.5,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-k-support divergence (FORMULAS.md §3) from hidden states; (divergence (N,), student entropy (N,))."""
+    """Top-k-support divergence (docs/concepts.md) from hidden states; (divergence (N,), student entropy (N,))."""
     support = _select_support(
         student_hidden, teacher_hidden, student_head, teacher_head, loss_support, loss_top_k, loss_add_tail
     )
@@ -245,7 +245,7 @@ def entropy_gated_forward_kl(
     k: int,
     threshold: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """EOPD's extra term (Jin et al., arXiv 2603.07079; FORMULAS.md §5): 1[H(p_T) > τ] · KL(p̄_T‖q̄_θ) on the
+    """EOPD's extra term (Jin et al., arXiv 2603.07079; docs/concepts.md): 1[H(p_T) > τ] · KL(p̄_T‖q̄_θ) on the
     teacher's top-k support, renormalised. Returns (term (N,), gate (N,) as 0/1 floats)."""
     support = _select_support(student_hidden, teacher_hidden, student_head, teacher_head, "teacher_topk", k, False)
     student_support, _ = _student_support(student_hidden, student_head, support.index, False)
@@ -266,7 +266,7 @@ def sampled_divergence(
     token_ids: torch.Tensor,
     kl_direction: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sampled-token estimator (FORMULAS.md §4) via TRL's chunked log-prob kernel; (value (N,), entropy (N,))."""
+    """Sampled-token estimator (docs/concepts.md) via TRL's chunked log-prob kernel; (value (N,), entropy (N,))."""
     student_lp, entropy = token_log_probs(student_hidden, student_head, token_ids, with_entropy=True)
     with torch.no_grad():
         teacher_lp = token_log_probs(teacher_hidden, teacher_head, token_ids)

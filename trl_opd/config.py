@@ -2,7 +2,7 @@
 
 Axis 1, the prefix source (who writes the completions the loss is computed on), and axis 2, the token-level
 divergence and its support (how the student's and teacher's next-token distributions are compared there).
-See `FORMULAS.md` §1–4 for every objective and its source.
+See `docs/concepts.md` for every objective and its source.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ def check_sampled_token_pairing(kl_direction: str, prefix_source: str) -> None:
 
     The reverse estimator E_{y~q_θ}[(log q_θ − log p_T)(y) ∇log q_θ(y)] needs y sampled by the student; the forward
     one E_{y~p_T}[−∇log q_θ(y)] needs y sampled by the teacher (or the dataset standing in for it). Anything else is a
-    biased estimator of neither divergence (FORMULAS.md §4).
+    biased estimator of neither divergence (docs/concepts.md).
     """
     if kl_direction not in ("forward", "reverse"):
         raise ValueError(
@@ -63,7 +63,7 @@ class OPDConfig(DistillationConfig):
     Configuration for [`OPDTrainer`]: everything of [`trl.DistillationConfig`] plus the prefix source and the
     token-level divergence as independent knobs.
 
-    The four classic objectives (FORMULAS.md §1, arXiv 2605.16826):
+    The four classic objectives (docs/concepts.md, arXiv 2605.16826):
 
     | `prefix_source` \ `kl_direction` | `"forward"` KL(p_T‖q_θ) | `"reverse"` KL(q_θ‖p_T) |
     |---|---|---|

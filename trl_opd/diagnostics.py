@@ -1,4 +1,4 @@
-"""What OPD failing looks like while it happens (FORMULAS.md §5): overlap, entropies, log-ratios, lengths, repetition.
+"""What OPD failing looks like while it happens (docs/concepts.md): overlap, entropies, log-ratios, repetition.
 
 Pure functions of completions or of a sample of positions' logits; the trainer logs them under `opd/` every logging
 step. Sources: overlap ratio/mass and entropy gap (Li et al., arXiv 2604.13016); truncation and repetition rates and

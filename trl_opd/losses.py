@@ -1,6 +1,6 @@
 """Token-level divergences between a student q_θ and a teacher p_T, and the supports they are evaluated on.
 
-Pure tensor functions, no trainer state; each docstring states its formula and source (see FORMULAS.md). Every
+Pure tensor functions, no trainer state; each docstring states its formula and source (see docs/concepts.md). Every
 function works in log space and is exact for −inf logits (suppressed tokens): 0·log 0 = 0, and a token the
 teacher allows but the student forbids makes the forward KL +inf rather than NaN. Gradients never see NaN from
 masked entries (`torch.where` is always applied to the inputs of a product, not only to its output).
@@ -31,7 +31,7 @@ def kl_divergence(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
 
 
 def generalized_jsd(student_log_probs: torch.Tensor, teacher_log_probs: torch.Tensor, beta: float) -> torch.Tensor:
-    """Generalized JSD of GKD (Agarwal et al. 2024) in TRL's convention, FORMULAS.md §2.
+    """Generalized JSD of GKD (Agarwal et al. 2024) in TRL's convention, docs/concepts.md.
 
     JSD_β = β·KL(p_T‖m) + (1−β)·KL(q_θ‖m), m = β·p_T + (1−β)·q_θ; β = 0 is the forward KL(p_T‖q_θ) and β = 1 the
     reverse KL(q_θ‖p_T) (their limits after dividing by β resp. 1−β, as TRL defines them).
@@ -57,7 +57,7 @@ def token_divergence(
     forward_kl_weight: float = 0.5,
     beta: float = 0.5,
 ) -> torch.Tensor:
-    """The per-position divergence chosen by `kl_direction` (FORMULAS.md §1–2), over the last dimension.
+    """The per-position divergence chosen by `kl_direction` (docs/concepts.md), over the last dimension.
 
     - "forward": KL(p_T‖q_θ); gradient −E_{v∼p_T}∇log q_θ(v) (cross-entropy to soft targets);
     - "reverse": KL(q_θ‖p_T); gradient E_{v∼q_θ}[(log q_θ − log p_T)(v)∇log q_θ(v)];
@@ -80,7 +80,7 @@ def token_divergence(
 def topk_support(
     student_logits: torch.Tensor, teacher_logits: torch.Tensor, loss_support: str, k: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Vocabulary ids of the support S_t per position, and which of them are real (FORMULAS.md §3).
+    """Vocabulary ids of the support S_t per position, and which of them are real (docs/concepts.md).
 
     - "teacher_topk": top-k of the teacher (Fu et al., arXiv 2603.25562);
     - "student_topk": top-k of the student (Li et al., arXiv 2604.13016), selected without gradient;
@@ -116,7 +116,7 @@ def outside_log_mass(logits: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 def support_log_probs(
     support_logits: torch.Tensor, valid: torch.Tensor, log_outside: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """Log-probabilities of one distribution on a support, renormalised or with a tail bucket (FORMULAS.md §3).
+    """Log-probabilities of one distribution on a support, renormalised or with a tail bucket (docs/concepts.md).
 
     Without `log_outside`: p̄(v) = p(v)/Σ_{u∈S} p(u), i.e. `log_softmax` over the gathered logits (invalid slots get
     −inf, i.e. probability 0). With `log_outside` = log Σ_{v∉S} exp(z_v) (see `outside_log_mass`): one more element,
@@ -134,7 +134,7 @@ def support_log_probs(
 def sampled_token_divergence(
     student_token_log_probs: torch.Tensor, teacher_token_log_probs: torch.Tensor, kl_direction: str = "reverse"
 ) -> torch.Tensor:
-    """Single-sample estimators of the token KL at the sampled token y (FORMULAS.md §4, Thinking Machines 2025).
+    """Single-sample estimators of the token KL at the sampled token y (docs/concepts.md, Thinking Machines 2025).
 
     - "reverse" (y ∼ q_θ): value log q_θ(y) − log p_T(y), gradient A·∇log q_θ(y) with A = (log q_θ − log p_T)(y)
       held constant; this is the surrogate −A_t·log q_θ(y_t) of the advantage A_t = log p_T − log q_θ, whose
@@ -184,10 +184,10 @@ def per_token_divergence(
     Logits have shape (..., V); the result has shape (...). Student probabilities are softmax(z_s/`temperature`),
     teacher ones softmax(z_t/`teacher_temperature`) (default: `temperature`). The support is:
 
-    - "full": the whole vocabulary, `token_divergence` of `kl_direction` (FORMULAS.md §1–2);
+    - "full": the whole vocabulary, `token_divergence` of `kl_direction` (docs/concepts.md);
     - "teacher_topk" / "student_topk" / "union_topk": S_t from `topk_support`, both distributions renormalised on
-      it, or with a tail bucket when `loss_add_tail` (FORMULAS.md §3);
-    - "sampled_token": `sampled_token_divergence` at `sampled_token_ids` (FORMULAS.md §4); only "reverse" (student
+      it, or with a tail bucket when `loss_add_tail` (docs/concepts.md);
+    - "sampled_token": `sampled_token_divergence` at `sampled_token_ids` (docs/concepts.md); only "reverse" (student
       samples) and "forward" (teacher samples) are meaningful.
 
     Invalid combinations raise `ValueError` naming the valid ones.

@@ -64,7 +64,7 @@ def _vocab_size(model: PreTrainedModel) -> int:
 
 
 class OPDTrainer(DistillationTrainer):
-    """On-policy distillation with decoupled prefix source × token-level divergence (FORMULAS.md §1–4).
+    """On-policy distillation with decoupled prefix source × token-level divergence (docs/concepts.md).
 
     Takes the same arguments as [`trl.DistillationTrainer`]; `args` must be an [`OPDConfig`]. The teacher is
     required and must share the student's vocabulary. With `prefix_source` 'dataset' (or 'mixed' with

@@ -1,6 +1,6 @@
 """`EntropyGatedLengthCurriculum`: a ladder of completion lengths climbed only while the student keeps its entropy.
 
-FORMULAS.md §1 (Decoupling KL and Trajectories, arXiv 2605.16826): train at lengths L_0 < L_1 < …; move from L_m to
+docs/concepts.md (Decoupling KL and Trajectories, arXiv 2605.16826): train at lengths L_0 < L_1 < …; move from L_m to
 L_{m+1} only if the student's mean per-token predictive entropy on held-out prompts H_m ≥ H_min, otherwise stay.
 The paper publishes neither H_min nor the ladder; `min_entropy="0.8x"` sets H_min relative to the entropy measured
 before training (see `docs/callbacks.md` for how to choose it).
@@ -51,7 +51,7 @@ class EntropyGatedLengthCurriculum(OPDCallback):
     Args:
         lengths: strictly increasing positive `max_completion_length` values, L_0 first. The last one plus the
             longest held-out prompt must fit in the model's `max_position_embeddings`.
-        min_entropy: H_min in nats, or a string "<r>x" for r × the held-out entropy measured at train begin (before
+        min_entropy: H_min in nats, or a string `"<r>x"` for r × the held-out entropy measured at train begin (before
             the first step, at L_0), which is stored in the callback's state so a resumed run keeps it.
         check_every_steps: how often (in optimizer steps) the gate is evaluated.
         min_steps_per_stage: the least number of steps spent at a length before the next one may be reached.

@@ -1,6 +1,6 @@
 """`EffOPDCallback`: weight extrapolation along the training direction, kept only while a held-out score improves.
 
-FORMULAS.md §6 (EffOPD, arXiv 2605.11739, and its official code): at global steps that are powers of two, with
+docs/concepts.md (EffOPD, arXiv 2605.11739, and its official code): at global steps that are powers of two, with
 anchor B (the weights at train begin, then the weights left by the previous extrapolation) and current weights W,
 Δ = W − B and the candidates are W + aΔ for a = 2, 4, 6, … (at most `max_tries`). Each candidate is kept only if the
 held-out score is strictly higher than the best so far (starting from W's own); at the first one that is not, the

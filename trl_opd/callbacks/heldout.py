@@ -1,6 +1,6 @@
 """Held-out prompts for the callbacks that sample: where they come from, and the student's entropy on them.
 
-`sampled_entropy` measures the quantity the entropy-gated curriculum compares with its gate (FORMULAS.md §1): the
+`sampled_entropy` measures the quantity the entropy-gated curriculum compares with its gate (docs/concepts.md): the
 student samples completions for held-out prompts, and the entropy of its own next-token distribution is averaged over
 every sampled completion token (the EOS included, padding after it excluded).
 """

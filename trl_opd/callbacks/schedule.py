@@ -1,6 +1,6 @@
 """`ScheduleCallback`: one scalar knob of `OPDConfig` as a function of the global step.
 
-The paper mixes forward and reverse KL with a constant weight (FORMULAS.md §1, arXiv 2605.16826); schedules of that
+The paper mixes forward and reverse KL with a constant weight (docs/concepts.md, arXiv 2605.16826); schedules of that
 weight, of GKD's student fraction λ and JSD β (§2), of the sampling temperature and of the top-k support size (§3) are
 this package's extension.
 """
