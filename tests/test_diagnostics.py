@@ -182,3 +182,21 @@ def test_eopd_term_applies_only_above_the_teacher_entropy_gate(student, teacher,
         assert gated[0]["loss"] > plain[0]["loss"]
     else:
         assert gated[0]["loss"] == pytest.approx(plain[0]["loss"], rel=1e-6)
+
+
+def test_head_gradient_coherence_matches_explicit_outer_products():
+    from trl_opd.diagnostics import head_gradient_coherence
+
+    generator = torch.Generator().manual_seed(0)
+    grads, hidden = torch.randn(5, 12, generator=generator), torch.randn(5, 7, generator=generator)
+    outer = torch.einsum("tv,th->tvh", grads, hidden)
+    expected = outer.sum(0).norm() / outer.flatten(1).norm(dim=-1).sum()
+    assert head_gradient_coherence(grads, hidden) == pytest.approx(expected.item(), rel=1e-6)
+    same = grads[:1].repeat(5, 1)
+    assert head_gradient_coherence(same, hidden[:1].repeat(5, 1)) == pytest.approx(1.0)
+    assert head_gradient_coherence(torch.cat([grads[:1], -grads[:1]]), hidden[:1].repeat(2, 1)) == pytest.approx(0.0)
+
+
+def test_gradient_coherence_is_logged_when_asked(student, teacher, tokenizer, tmp_path):
+    _, logs = train(student, teacher, tokenizer, tmp_path, max_steps=1, diagnostics_gradient_coherence=True)
+    assert 0.0 < logs[0]["opd/gradient_coherence"] <= 1.0

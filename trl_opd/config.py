@@ -178,6 +178,14 @@ class OPDConfig(DistillationConfig):
             "logging step. 0 turns them off (completion-level rates are always logged)."
         },
     )
+    diagnostics_gradient_coherence: bool = field(
+        default=False,
+        metadata={
+            "help": "Also log `opd/gradient_coherence`: ‖Σ_t G_t‖ / Σ_t ‖G_t‖ over per-position loss gradients w.r.t. "
+            "the lm_head on up to 64 of the diagnostic positions. Costs one extra (64, V) projection with gradient "
+            "per logging step; off by default."
+        },
+    )
     repetition_tail_chars: int | None = field(
         default=None,
         metadata={

@@ -70,6 +70,20 @@ def repeated_token_mask(token_ids: torch.Tensor, n: int = 4) -> torch.Tensor:
     return repeated
 
 
+def head_gradient_coherence(logit_grads: torch.Tensor, hidden: torch.Tensor) -> float:
+    """‖Σ_t G_t‖ / Σ_t ‖G_t‖ for the per-position gradients G_t = g_t h_tᵀ of the loss w.r.t. the `lm_head` weight.
+
+    g_t (n, V) is ∂loss_t/∂logits_t and h_t (n, H) the hidden state at position t. 1 means every position pushes the
+    head the same way; near 1/√n, unrelated directions; lower, positions cancelling out (a sign of a noisy or
+    self-contradicting signal). Exact and cheap through Gram matrices: ‖Σ_t G_t‖² = Σ_{t,s} (g_t·g_s)(h_t·h_s) and
+    ‖G_t‖ = ‖g_t‖·‖h_t‖, so no (V, H) matrix is formed.
+    """
+    g, h = logit_grads.double(), hidden.double()
+    summed = ((g @ g.T) * (h @ h.T)).sum().clamp_min(0).sqrt()
+    separate = (g.norm(dim=-1) * h.norm(dim=-1)).sum()
+    return float(summed / separate) if separate > 0 else 0.0
+
+
 def _entropy(log_probs: torch.Tensor) -> torch.Tensor:
     return -(log_probs.exp() * log_probs).sum(-1)
 

@@ -33,16 +33,19 @@ from .chunked import OutputHead, divergence_from_hidden, entropy_gated_forward_k
 from .config import OPDConfig
 from .diagnostics import (
     TOKEN_DIAGNOSTICS,
+    head_gradient_coherence,
     repeated_token_mask,
     repetition_rate,
     repetition_threshold,
     token_diagnostics,
     truncation_rate,
 )
+from .losses import per_token_divergence
 from .prefixes import dataset_completion_ids, draw_prefix_source, validate_prompt_dataset
 from .sampling import EpochSeededRepeatSampler
 
 THINK_TAGS = ("<think>", "</think>")
+COHERENCE_POSITIONS = 64
 MULTIMODAL_KEYS = (
     "pixel_values",
     "image_grid_thw",
@@ -538,8 +541,37 @@ class OPDTrainer(DistillationTrainer):
             self.args.diagnostics_top_k,
             repeated,
         )
+        if self.args.diagnostics_gradient_coherence:
+            stats["gradient_coherence"] = self._gradient_coherence(
+                student_hidden[picked[:COHERENCE_POSITIONS]],
+                teacher_hidden[picked[:COHERENCE_POSITIONS]],
+                student_head,
+                teacher_head,
+                inputs["completion_ids"].to(mask.device)[mask][picked[:COHERENCE_POSITIONS]],
+            )
         for name, value in stats.items():
             self._record(f"opd/{name}", torch.tensor(value), 1)
+
+    def _gradient_coherence(self, student_hidden, teacher_hidden, student_head, teacher_head, token_ids) -> float:
+        """`head_gradient_coherence` of the configured loss at a few positions (its per-position logit gradients come
+        from autograd on the reference `per_token_divergence`, applied to (n, V) logits)."""
+        with torch.enable_grad():
+            logits = (student_head.logits(student_hidden.detach()) * student_head.temperature).requires_grad_(True)
+            divergence = per_token_divergence(
+                logits,
+                teacher_head.logits(teacher_hidden) * teacher_head.temperature,
+                kl_direction=self.args.kl_direction,
+                forward_kl_weight=self.args.forward_kl_weight,
+                beta=self.args.beta,
+                loss_support=self.args.loss_support,
+                loss_top_k=self.args.loss_top_k,
+                loss_add_tail=self.args.loss_add_tail,
+                temperature=student_head.temperature,
+                teacher_temperature=teacher_head.temperature,
+                sampled_token_ids=token_ids,
+            )
+            (grads,) = torch.autograd.grad(divergence.sum(), logits)
+        return head_gradient_coherence(grads, student_hidden.detach())
 
     def _metric_names(self, diagnostics_due: bool) -> list[str]:
         """The metrics this micro-batch may record: a function of the config and the step only, so that every rank
@@ -555,6 +587,8 @@ class OPDTrainer(DistillationTrainer):
         ]
         if diagnostics_due:
             names += [*TOKEN_DIAGNOSTICS, "log_ratio_repeated", "log_ratio_non_repeated"]
+            if self.args.diagnostics_gradient_coherence:
+                names.append("gradient_coherence")
         return [f"opd/{name}" for name in names]
 
     def _record(self, name: str, total: torch.Tensor, count: int) -> None:
