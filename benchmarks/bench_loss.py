@@ -37,7 +37,9 @@ def _rss_bytes() -> int:
         return int(statm.read().split()[1]) * resource.getpagesize()
 
 
-def _measure(path: str, vocab: int, tokens: int, hidden: int, k: int, dtype: str, repeats: int, queue) -> None:
+def _measure(
+    path: str, vocab: int, tokens: int, hidden: int, k: int, dtype: str, repeats: int, warmup: int, queue
+) -> None:
     from trl.trainer.distillation_trainer import _chunked_divergence_loss
 
     from trl_opd.chunked import OutputHead, divergence_from_hidden
@@ -88,7 +90,8 @@ def _measure(path: str, vocab: int, tokens: int, hidden: int, k: int, dtype: str
         torch.cuda.reset_peak_memory_stats()
     else:
         baseline = _rss_bytes()
-    step()  # warm-up: kernel compilation, allocator growth
+    for _ in range(warmup):  # kernel compilation, allocator growth
+        step()
     times = []
     for _ in range(repeats):
         sync()
@@ -143,6 +146,7 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=896, help="hidden size (896: Qwen2.5-0.5B)")
     parser.add_argument("--dtype", default=None, help="default: bfloat16 on CUDA, float32 on CPU")
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--warmup", type=int, default=1, help="untimed runs first (0 on slow CPUs for big shapes)")
     parser.add_argument("--paths", nargs="+", default=list(PATHS), choices=PATHS)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/bench_loss.json"))
     parser.add_argument("--markdown", type=Path, default=None, help="append the table to this file")
@@ -165,6 +169,7 @@ def main() -> None:
                         k=k or 1,
                         dtype=dtype,
                         repeats=args.repeats,
+                        warmup=args.warmup,
                     )
                     row = {"vocab": vocab, "tokens": tokens, "path": path, "k": k, **measured}
                     if path == "trl_full":
