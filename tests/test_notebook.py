@@ -1,4 +1,4 @@
-"""`examples/notebooks/opd_quickstart.ipynb` executes top to bottom (a shorter run than the notebook's default)."""
+"""`examples/notebooks/opd_quickstart.ipynb` executes top to bottom (its quick variant: a small pair, a short run)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,8 @@ nbclient = pytest.importorskip("nbclient")
 
 @pytest.mark.slow
 def test_quickstart_notebook_runs(tmp_path, monkeypatch):
-    monkeypatch.setenv("OPD_NOTEBOOK_STEPS", "10")
+    monkeypatch.setenv("OPD_NOTEBOOK_QUICK", "1")
+    monkeypatch.setenv("TRL_OPD_CACHE", str(tmp_path / "cache"))
     notebook = nbformat.read(NOTEBOOK, as_version=4)
     nbclient.NotebookClient(
         notebook, timeout=900, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}

@@ -2,9 +2,9 @@
 
 Nothing here touches a model hub. The tokenizer is built in-process with the `tokenizers` library and carries a
 ChatML chat template (the one Qwen uses), so TRL's conversational code paths run unchanged on it. The data are chained
-single-digit additions with a step-by-step solution ("What is 3+5+2?" -> "3+5=8\n8+2=10\n#### 10"), enumerated
+single-digit additions with a step-by-step solution ("What is 3+5+2?" -> "3+5=8\\n8+2=10\\n#### 10"), enumerated
 exhaustively and split into train and eval by a hash of the prompt. `build_toy_pair` trains a teacher that solves the
-eval problems and a clearly weaker student of the same architecture on them, caching both on disk.
+eval problems and a smaller, clearly weaker student on them, and caches both on disk.
 """
 
 from __future__ import annotations
@@ -231,21 +231,24 @@ TOY_VERSION = 1  # bump when the data or the training recipe change, so that cac
 class ToyPairConfig:
     """How the toy teacher and student are built; the cache key is a hash of these fields and `TOY_VERSION`.
 
-    Both models share the architecture and the tokenizer and are trained by SFT on the gold solutions of the train
-    split; they differ in initialisation seed, batch-sampling seed and length of training. With the defaults the
-    teacher solves ~99% of eval problems and the student ~20% (temperature-1 sampling): the regime where on-policy
-    distillation visibly helps, whereas from a near-hopeless (~10%) student reverse-KL distillation stalls.
+    Both models share the tokenizer and are trained by SFT on the gold solutions of the train split, each with its own
+    size, initialisation and batch-sampling seed, and number of steps. With the defaults the teacher (4 layers) solves
+    ~99% of eval problems and the student (2 layers, trained briefly) ~20-25%, both sampled at temperature 1: the
+    regime where on-policy distillation visibly helps, whereas from a near-hopeless (~10%) student reverse-KL
+    distillation stalls. A smaller student is also cheaper to sample from, which is most of a distillation step.
     """
 
-    hidden_size: int = 128
-    num_layers: int = 4
+    teacher_hidden_size: int = 128
+    teacher_num_layers: int = 4
+    teacher_steps: int = 600
+    teacher_seed: int = 0
+    student_hidden_size: int = 128
+    student_num_layers: int = 2
+    student_steps: int = 200
+    student_seed: int = 1
     num_heads: int = 4
     batch_size: int = 32
     learning_rate: float = 2e-3
-    teacher_steps: int = 600
-    student_steps: int = 220
-    teacher_seed: int = 0
-    student_seed: int = 1
 
     def key(self) -> str:
         """A short hash of the settings (and of `TOY_VERSION`) that names the pair's cache folder."""
@@ -260,17 +263,20 @@ def default_cache_dir() -> Path:
 
 def _train(tokenizer: PreTrainedTokenizerFast, config: ToyPairConfig, role: str, progress: bool) -> Qwen2ForCausalLM:
     """Initialise and SFT-train the `role` ("teacher" or "student") model of `config`."""
-    seed = config.teacher_seed if role == "teacher" else config.student_seed
-    steps = config.teacher_steps if role == "teacher" else config.student_steps
+    settings = {name: getattr(config, f"{role}_{name}") for name in ("hidden_size", "num_layers", "steps", "seed")}
     model = build_model(
-        tokenizer, hidden_size=config.hidden_size, num_layers=config.num_layers, num_heads=config.num_heads, seed=seed
+        tokenizer,
+        hidden_size=settings["hidden_size"],
+        num_layers=settings["num_layers"],
+        num_heads=config.num_heads,
+        seed=settings["seed"],
     )
     return train_sft(
         model,
-        steps=steps,
+        steps=settings["steps"],
         batch_size=config.batch_size,
         learning_rate=config.learning_rate,
-        seed=seed,
+        seed=settings["seed"],
         progress=progress,
         description=f"toy {role} SFT",
     )
