@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing as mp
 import platform
 import resource
 import statistics
@@ -27,6 +26,7 @@ import time
 from pathlib import Path
 
 import torch
+from common import run_in_child, write_results
 
 PATHS = ("trl_full", "full", "teacher_topk", "student_topk", "union_topk", "teacher_topk+tail", "sampled_token")
 TOPK_PATHS = ("teacher_topk", "student_topk", "union_topk", "teacher_topk+tail")
@@ -106,15 +106,6 @@ def _measure(
     queue.put({"seconds": statistics.median(times), "peak_bytes": max(peak, 0)})
 
 
-def run_one(context, **kwargs) -> dict:
-    queue = context.Queue()
-    process = context.Process(target=_measure, kwargs={**kwargs, "queue": queue})
-    process.start()
-    result = queue.get()
-    process.join()
-    return result
-
-
 def device_name() -> str:
     if torch.cuda.is_available():
         return torch.cuda.get_device_name()
@@ -152,7 +143,6 @@ def main() -> None:
     parser.add_argument("--markdown", type=Path, default=None, help="append the table to this file")
     args = parser.parse_args()
     dtype = args.dtype or ("bfloat16" if torch.cuda.is_available() else "float32")
-    context = mp.get_context("spawn")
     device = device_name()
     results = []
     for vocab in args.vocab:
@@ -160,8 +150,8 @@ def main() -> None:
             baseline = None
             for path in args.paths:
                 for k in args.k if path in TOPK_PATHS else [None]:
-                    measured = run_one(
-                        context,
+                    measured = run_in_child(
+                        _measure,
                         path=path,
                         vocab=vocab,
                         tokens=tokens,
@@ -180,13 +170,7 @@ def main() -> None:
                     results.append(row)
                     print(json.dumps(row), flush=True)
     report = {"device": device, "dtype": dtype, "hidden": args.hidden, "torch": torch.__version__, "results": results}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2))
-    table = markdown(results, f"{device}, {dtype}, H={args.hidden}")
-    print(table)
-    if args.markdown:
-        with args.markdown.open("a") as handle:
-            handle.write("\n" + table)
+    write_results(report, args.out, markdown(results, f"{device}, {dtype}, H={args.hidden}"), args.markdown)
 
 
 if __name__ == "__main__":

@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing as mp
 import tempfile
 from pathlib import Path
+
+from common import run_in_child, write_results
 
 RUNS = {
     "reverse KL (no stabiliser)": {},
@@ -76,14 +77,9 @@ def main() -> None:
     parser.add_argument("--markdown", type=Path, default=None)
     args = parser.parse_args()
     settings = {k: getattr(args, k) for k in ("steps", "batch", "length", "lr", "log_every")}
-    context = mp.get_context("spawn")
     results = {}
     for name, overrides in RUNS.items():
-        queue = context.Queue()
-        process = context.Process(target=_run, args=(overrides, settings, queue))
-        process.start()
-        results[name] = queue.get()
-        process.join()
+        results[name] = run_in_child(_run, overrides=overrides, settings=settings)
         for row in results[name]:
             print(name, json.dumps(row), flush=True)
     lines = [
@@ -98,13 +94,7 @@ def main() -> None:
         first, last = history[0], history[-1]
         cells = [f"{first[key]:.2f} → {last[key]:.2f}" if last[key] is not None else "—" for key in KEYS]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    table = "\n".join(lines) + "\n"
-    print(table)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"settings": settings, "results": results}, indent=2))
-    if args.markdown:
-        with args.markdown.open("a") as handle:
-            handle.write("\n" + table)
+    write_results({"settings": settings, "results": results}, args.out, "\n".join(lines) + "\n", args.markdown)
 
 
 if __name__ == "__main__":

@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing as mp
 import resource
 import statistics
 import tempfile
 from pathlib import Path
+
+from common import run_in_child, write_results
 
 RUNS = {
     "trl.DistillationTrainer (reverse, full)": ("trl", {}),
@@ -93,14 +94,9 @@ def main() -> None:
     parser.add_argument("--markdown", type=Path, default=None, help="append the table to this file")
     args = parser.parse_args()
     settings = {k: getattr(args, k) for k in ("hidden", "layers", "batch", "length", "steps", "threads")}
-    context = mp.get_context("spawn")
     results = {}
     for name, (kind, overrides) in RUNS.items():
-        queue = context.Queue()
-        process = context.Process(target=_run, args=(kind, overrides, settings, queue))
-        process.start()
-        results[name] = queue.get()
-        process.join()
+        results[name] = run_in_child(_run, kind=kind, overrides=overrides, settings=settings)
         print(name, json.dumps(results[name]), flush=True)
     reference = results["trl.DistillationTrainer (reverse, full)"]
     device = reference["device"]
@@ -114,13 +110,7 @@ def main() -> None:
     for name, row in results.items():
         ratio = row["step_time"] / reference["step_time"]
         lines.append(f"| {name} | {row['step_time']:.3f} | {ratio:.2f} | {row['peak_bytes'] / 2**20:.0f} |")
-    table = "\n".join(lines) + "\n"
-    print(table)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"settings": settings, "results": results}, indent=2))
-    if args.markdown:
-        with args.markdown.open("a") as handle:
-            handle.write("\n" + table)
+    write_results({"settings": settings, "results": results}, args.out, "\n".join(lines) + "\n", args.markdown)
 
 
 if __name__ == "__main__":

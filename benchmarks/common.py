@@ -1,0 +1,33 @@
+"""What the benchmark scripts share: running one measurement in a fresh process, and writing its results."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+
+def run_in_child(target: Callable[..., None], **kwargs: Any) -> Any:
+    """Run `target(**kwargs, queue=...)` in a fresh spawned process and return what it puts on the queue.
+
+    A fresh process per measurement gives each its own peak memory and no warm caches from the previous one.
+    """
+    context = mp.get_context("spawn")
+    queue = context.Queue()
+    process = context.Process(target=target, kwargs={**kwargs, "queue": queue})
+    process.start()
+    result = queue.get()
+    process.join()
+    return result
+
+
+def write_results(report: dict, out: Path, table: str, markdown: Path | None) -> None:
+    """Print the table, write the JSON report to `out`, and append the table to `markdown` if given."""
+    print(table)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2))
+    if markdown:
+        with markdown.open("a") as handle:
+            handle.write("\n" + table)
