@@ -50,7 +50,7 @@ def test_splits_are_disjoint_and_cover_every_problem():
     assert all(split_of(prompt) == "eval" for prompt in evaluation)
     drawn = make_dataset(300, seed=0, split="eval")
     assert {row[0]["content"] for row in drawn["prompt"]} <= evaluation
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="cannot draw"):
         make_dataset(len(evaluation) + 1, split="eval")
     with pytest.raises(ValueError, match="split"):
         problem_pool("test")

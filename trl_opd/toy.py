@@ -150,7 +150,10 @@ def make_dataset(n: int, seed: int = 0, split: str = "train") -> Dataset:
     `answer` (the sum as a string, for `trl_opd.evaluation`). Raises `ValueError` if the split has fewer than `n`
     problems.
     """
-    problems = random.Random(seed).sample(problem_pool(split), n)
+    pool = problem_pool(split)
+    if not 0 <= n <= len(pool):
+        raise ValueError(f"The {split!r} split has {len(pool)} problems; cannot draw {n}.")
+    problems = random.Random(seed).sample(pool, n)
     return Dataset.from_dict(
         {
             "prompt": [[{"role": "user", "content": prompt}] for prompt, _, _ in problems],
@@ -192,9 +195,9 @@ def train_sft(
     """Train `model` (built over the toy tokenizer) in place on the gold solutions of the train split and return it in
     eval mode.
 
-    A plain torch loop (AdamW, linear warm-up then cosine decay to zero, gradient clipping at 1)
-    rather than `trl.SFTTrainer`: on two CPU cores the Trainer's per-step overhead is a large share of a ~0.15 s step,
-    and a loop that samples batches from its own seeded generator is reproducible run to run on a given machine.
+    A plain torch loop (AdamW, linear warm-up then cosine decay to zero, gradient clipping at 1) rather than
+    `trl.SFTTrainer`: on two CPU cores the Trainer's per-step overhead is a large share of a 0.1-0.2 s step, and a loop
+    that samples batches from its own seeded generator is reproducible run to run on a given machine.
     """
     input_ids, lengths, labels = encode_pool("train")
     generator = torch.Generator().manual_seed(seed)
@@ -285,7 +288,7 @@ def _train(tokenizer: PreTrainedTokenizerFast, config: ToyPairConfig, role: str,
 def build_toy_pair(
     cache_dir: str | os.PathLike | None = None, config: ToyPairConfig | None = None, *, progress: bool = True
 ) -> tuple[Qwen2ForCausalLM, Qwen2ForCausalLM, PreTrainedTokenizerFast]:
-    """The toy (teacher, student, tokenizer): trained on first use (a few minutes on two CPU cores), then loaded.
+    """The toy (teacher, student, tokenizer): trained on first use (under 3 minutes on two CPU cores), then loaded.
 
     The pair lives in `cache_dir/<config.key()>/{teacher,student}` in `save_pretrained` format, with the settings and
     the build time in `settings.json`; `cache_dir` defaults to `default_cache_dir()`. Changed settings get a new key,
