@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import multiprocessing as mp
+import queue as queue_module
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -12,13 +13,20 @@ from typing import Any
 def run_in_child(target: Callable[..., None], **kwargs: Any) -> Any:
     """Run `target(**kwargs, queue=...)` in a fresh spawned process and return what it puts on the queue.
 
-    A fresh process per measurement gives each its own peak memory and no warm caches from the previous one.
+    A fresh process per measurement gives each its own peak memory and no warm caches from the previous one. A child
+    that dies without a result (a crash, the OOM killer) raises here instead of leaving the parent waiting.
     """
     context = mp.get_context("spawn")
     queue = context.Queue()
     process = context.Process(target=target, kwargs={**kwargs, "queue": queue})
     process.start()
-    result = queue.get()
+    while True:
+        try:
+            result = queue.get(timeout=5)
+            break
+        except queue_module.Empty:
+            if not process.is_alive():
+                raise RuntimeError(f"{target.__name__} exited with code {process.exitcode} before reporting") from None
     process.join()
     return result
 

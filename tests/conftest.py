@@ -69,3 +69,26 @@ def make_config(tmp_path, **overrides) -> OPDConfig:
     )
     settings.update(overrides)
     return OPDConfig(**settings)
+
+
+def load_example(monkeypatch: pytest.MonkeyPatch):
+    """`examples/opd_math.py` as a module (registered in `sys.modules`, where dataclasses resolve its annotations)."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "examples" / "opd_math.py"
+    spec = importlib.util.spec_from_file_location("opd_math_example", path)
+    example = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, example)
+    spec.loader.exec_module(example)
+    return example
+
+
+def run_example(example, monkeypatch: pytest.MonkeyPatch, arguments: list[str]) -> None:
+    """Run the example's `__main__` block on `arguments` in this process: the preset's defaults, then the flags."""
+    parser = example.make_parser()
+    preset = example.preset_name(arguments)
+    parser.set_defaults(preset=preset, **example.PRESETS[preset])
+    monkeypatch.setattr("sys.argv", ["opd_math.py", *arguments])
+    example.main(*parser.parse_args_and_config())

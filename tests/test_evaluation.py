@@ -8,7 +8,7 @@ import pytest
 import torch
 from datasets import Dataset
 
-from trl_opd.evaluation import evaluate, extract_answer, gap_recovery, is_correct, score
+from trl_opd.evaluation import evaluate, extract_answer, gap_recovery, heldout_divergence, is_correct, score
 from trl_opd.toy import build_model, make_dataset
 
 pytest.importorskip("math_verify")
@@ -155,6 +155,52 @@ def test_evaluate_real_model_is_seeded(tokenizer):
     assert 1 <= first["mean_length"] <= 12
     # An untrained model almost never closes its turn within 12 tokens.
     assert first["truncation_rate"] > 0.5
+
+
+def test_heldout_divergence_matches_per_sequence_categorical_kl(tokenizer):
+    """Batched, left-padded and EOS-truncated, the held-out KL equals torch.distributions' KL computed one unpadded
+    sequence at a time over each completion up to its first EOS."""
+    student = build_model(tokenizer, hidden_size=32, num_layers=1, seed=0)
+    teacher = build_model(tokenizer, hidden_size=32, num_layers=2, seed=1)
+    dataset = make_dataset(5, seed=0, split="eval")
+    eos = tokenizer.eos_token_id
+    student.generation_config.eos_token_id = eos
+    generated = []
+    generate = student.generate
+    student.generate = lambda **kwargs: generated.append((kwargs["input_ids"], generate(**kwargs))) or generated[-1][1]
+    stats = heldout_divergence(student, teacher, tokenizer, dataset, max_new_tokens=10, batch_size=2, progress=False)
+
+    reverse, forward, entropy, n_tokens = [], [], [], 0
+    for inputs, output in generated:
+        for prompt_ids, row in zip(inputs, output):
+            prompt = prompt_ids[prompt_ids != tokenizer.pad_token_id]
+            completion = row[len(prompt_ids) :]
+            ends = (completion == eos).nonzero()
+            completion = completion[: int(ends[0]) + 1] if len(ends) else completion
+            sequence = torch.cat([prompt, completion]).unsqueeze(0)
+            with torch.no_grad():
+                q_logits = student(input_ids=sequence).logits[0, len(prompt) - 1 : -1]
+                p_logits = teacher(input_ids=sequence).logits[0, len(prompt) - 1 : -1]
+            q, p = torch.distributions.Categorical(logits=q_logits), torch.distributions.Categorical(logits=p_logits)
+            reverse.append(torch.distributions.kl_divergence(q, p))
+            forward.append(torch.distributions.kl_divergence(p, q))
+            entropy.append(q.entropy())
+            n_tokens += len(completion)
+    assert stats["n_tokens"] == n_tokens and stats["n_problems"] == 5
+    assert stats["reverse_kl"] == pytest.approx(torch.cat(reverse).mean().item(), rel=1e-4)
+    assert stats["forward_kl"] == pytest.approx(torch.cat(forward).mean().item(), rel=1e-4)
+    assert stats["student_entropy"] == pytest.approx(torch.cat(entropy).mean().item(), rel=1e-4)
+    assert stats["reverse_kl"] > 0.01  # two different random models
+
+
+def test_heldout_divergence_of_a_model_with_itself_is_zero(tokenizer):
+    model = build_model(tokenizer, hidden_size=32, num_layers=1, seed=0).train()
+    stats = heldout_divergence(
+        model, model, tokenizer, make_dataset(3, split="eval"), max_new_tokens=8, progress=False
+    )
+    assert stats["reverse_kl"] == pytest.approx(0, abs=1e-6) and stats["forward_kl"] == pytest.approx(0, abs=1e-6)
+    assert stats["overlap_ratio"] == pytest.approx(1.0) and stats["overlap_mass_student"] <= 1.0
+    assert model.training, "the models' train/eval modes are restored"
 
 
 def test_gap_recovery():

@@ -82,3 +82,23 @@ def test_two_lora_opd_steps_move_the_adapter(smollm2, tmp_path):
     assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))
     moved = [n for n, p in trainer.model.named_parameters() if "lora_B" in n and not torch.equal(p, adapters[n])]
     assert moved and len(moved) == len(adapters)
+
+
+def test_smollm2_pruned_preset_reports_heldout_kl(smollm2, tmp_path, monkeypatch, capsys):
+    """`examples/opd_math.py --preset smollm2-pruned`, shrunk to one step: the KL table and eval.json, no accuracy."""
+    import json
+
+    from conftest import load_example, run_example
+
+    example = load_example(monkeypatch)
+    monkeypatch.setattr(example, "load_smollm2", lambda: smollm2)
+    small = ["--max_steps", "1", "--per_device_train_batch_size", "2", "--n_train_problems", "2"]
+    small += ["--n_eval_problems", "2", "--max_completion_length", "6", "--report_to", "none"]
+    run_example(example, monkeypatch, ["--preset", "smollm2-pruned", *small, "--output_dir", str(tmp_path)])
+    printed = capsys.readouterr().out
+    assert "held-out KL per token" in printed and "gap recovery" not in printed
+    report = json.loads((tmp_path / "eval.json").read_text())
+    assert set(report) == {"heldout_kl"}
+    before, after = report["heldout_kl"]["before"], report["heldout_kl"]["after"]
+    assert before["n_problems"] == after["n_problems"] == 2
+    assert before["reverse_kl"] > 0.1, "a third of the layers removed must put the student measurably off the teacher"

@@ -1,4 +1,5 @@
-"""Answer extraction, math-verify checking and sampled-accuracy metrics (Avg@k, Pass@k, length, truncation).
+"""Answer extraction, math-verify checking, sampled-accuracy metrics (Avg@k, Pass@k, length, truncation) and the
+held-out teacher-student divergence.
 
 Definitions, for N problems with k sampled completions each and c_i of problem i's completions correct:
 - Avg@k = (1/N) Σ_i c_i / k, the expected accuracy of one sample, estimated with k samples per problem;
@@ -17,9 +18,19 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from .diagnostics import token_diagnostics
+from .losses import kl_divergence
+
 ANSWER_LINE = re.compile(r"####\s*(.+)")
 BOXED = re.compile(r"\\boxed\{([^{}]*)\}")
 NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
+HELDOUT_DIAGNOSTICS = (
+    "student_entropy",
+    "teacher_entropy",
+    "overlap_ratio",
+    "overlap_mass_student",
+    "overlap_mass_teacher",
+)
 
 
 def _clean(answer: str) -> str:
@@ -159,6 +170,87 @@ def evaluate(
         "mean_length": sum(lengths) / len(lengths),
         "truncation_rate": sum(truncated) / len(truncated),
         "n_problems": len(correct),
+    }
+
+
+@torch.no_grad()
+def heldout_divergence(
+    student: Any,
+    teacher: Any,
+    tokenizer: Any,
+    dataset: Any,
+    *,
+    max_new_tokens: int = 64,
+    temperature: float = 1.0,
+    batch_size: int = 16,
+    top_k: int = 8,
+    seed: int = 0,
+    progress: bool = True,
+) -> dict[str, float]:
+    """Teacher-student divergence per token on the student's own samples for the prompts of `dataset` (`prompt`).
+
+    The student samples one completion per prompt (temperature `temperature`, seeded as in `evaluate`); on every
+    completion token t, EOS included, both models' next-token distributions q_θ(·|y<t) and p_T(·|y<t) give
+    - `reverse_kl` = mean_t KL(q_θ ‖ p_T), the quantity on-policy distillation minimises (Agarwal et al., 2024);
+    - `forward_kl` = mean_t KL(p_T ‖ q_θ), the teacher mass the student misses on its own prefixes;
+    - `student_entropy`, `teacher_entropy`, `overlap_ratio`, `overlap_mass_student`, `overlap_mass_teacher` of
+      `trl_opd.diagnostics.token_diagnostics` at `top_k`;
+    all averaged over every completion token of every prompt (`n_tokens`; nats for KL and entropy), plus
+    `n_problems`. Unlike the training diagnostics these are measured on student samples whatever the prefix source,
+    so runs with different sources compare.
+    """
+    eos_ids = _eos_ids(student, tokenizer)
+    prompts = list(dataset["prompt"])
+    padding_side, tokenizer.padding_side = tokenizer.padding_side, "left"
+    modes = (student.training, teacher.training)
+    student.eval()
+    teacher.eval()
+    totals = dict.fromkeys(("reverse_kl", "forward_kl", *HELDOUT_DIAGNOSTICS), 0.0)
+    n_tokens = 0
+    try:
+        device = student.device
+        with torch.random.fork_rng(
+            devices=[] if device.type == "cpu" else [device.index or 0], device_type=device.type
+        ):
+            torch.manual_seed(seed)
+            for start in tqdm(range(0, len(prompts), batch_size), desc="held-out KL", disable=not progress):
+                batch = [_prompt_text(prompt, tokenizer) for prompt in prompts[start : start + batch_size]]
+                inputs = tokenizer(batch, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+                output = student.generate(
+                    **inputs,
+                    max_new_tokens=max_new_tokens,
+                    do_sample=True,
+                    temperature=temperature,
+                    top_p=1.0,
+                    top_k=0,
+                    eos_token_id=eos_ids,
+                    pad_token_id=tokenizer.pad_token_id,
+                )
+                prompt_length = inputs["input_ids"].shape[1]
+                completion = output[:, prompt_length:]
+                ends = torch.isin(completion, torch.tensor(eos_ids, device=device))
+                after_end = (ends.cumsum(dim=1) - ends.int()) > 0
+                mask = torch.cat([inputs["attention_mask"], (~after_end).long()], dim=1)
+                positions = slice(prompt_length - 1, -1)  # the logits that predict each completion token
+                log_q = student(input_ids=output, attention_mask=mask).logits[:, positions].float() / temperature
+                log_p = teacher(input_ids=output, attention_mask=mask).logits[:, positions].float() / temperature
+                log_q, log_p = log_q.log_softmax(-1), log_p.log_softmax(-1)
+                counted = ~after_end
+                count = int(counted.sum())
+                totals["reverse_kl"] += kl_divergence(log_q, log_p)[counted].sum().item()
+                totals["forward_kl"] += kl_divergence(log_p, log_q)[counted].sum().item()
+                stats = token_diagnostics(log_q[counted], log_p[counted], completion[counted], top_k)
+                for name in HELDOUT_DIAGNOSTICS:
+                    totals[name] += stats.get(name, 0.0) * count
+                n_tokens += count
+    finally:
+        tokenizer.padding_side = padding_side
+        student.train(modes[0])
+        teacher.train(modes[1])
+    return {
+        **{name: total / max(n_tokens, 1) for name, total in totals.items()},
+        "n_tokens": n_tokens,
+        "n_problems": len(prompts),
     }
 
 

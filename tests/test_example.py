@@ -1,0 +1,75 @@
+"""The main job's script runs end to end with each objective knob and prints its table and eval.json.
+
+The toy pair is replaced by a tiny one (the script's wiring is under test here, not the pair's quality, which
+docs/benchmarks.md reports); everything else is the script as users run it.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+from conftest import load_example, run_example
+
+from trl_opd.toy import ToyPairConfig, build_toy_pair
+
+TINY_PAIR = ToyPairConfig(
+    teacher_hidden_size=24,
+    teacher_num_layers=2,
+    teacher_steps=3,
+    student_hidden_size=16,
+    student_num_layers=1,
+    student_steps=2,
+    num_heads=2,
+    batch_size=4,
+)
+SMALL = [
+    "--max_steps", "2",
+    "--per_device_train_batch_size", "4",
+    "--n_train_problems", "8",
+    "--n_eval_problems", "4",
+    "--eval_k", "2",
+    "--eval_batch_size", "4",
+    "--max_completion_length", "12",
+    "--logging_steps", "1",
+    "--report_to", "none",
+    "--disable_tqdm", "true",
+]  # fmt: skip
+METRICS = {"accuracy", "avg_at_k", "pass_at_k", "k", "mean_length", "truncation_rate", "n_problems"}
+
+
+@pytest.fixture(scope="module")
+def tiny_pair(tmp_path_factory):
+    return build_toy_pair(tmp_path_factory.mktemp("toy"), TINY_PAIR, progress=False)
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [
+        [],
+        ["--prefix_source", "teacher"],
+        ["--kl_direction", "forward"],
+        ["--kl_direction", "reverse", "--prefix_source", "mixed"],
+        ["--loss_support", "teacher_topk", "--loss_top_k", "4"],
+        ["--use_peft", "--lora_r", "4", "--lora_target_modules", "q_proj", "v_proj"],
+    ],
+    ids=["default", "teacher-prefixes", "forward", "reverse-mixed-prefixes", "teacher-topk", "peft"],
+)
+def test_example_prints_its_table_and_writes_eval_json(flags, tiny_pair, tmp_path, monkeypatch, capsys):
+    example = load_example(monkeypatch)
+    monkeypatch.setattr(example, "build_toy_pair", lambda cache_dir=None: copy.deepcopy(tiny_pair))
+    run_example(example, monkeypatch, [*SMALL, *flags, "--output_dir", str(tmp_path)])
+    printed = capsys.readouterr().out
+    for row in ("teacher", "student_before", "student_after", "gap recovery (avg@2)", "reverse_kl", "forward_kl"):
+        assert row in printed, f"the table lost its {row!r} row:\n{printed}"
+    report = json.loads((tmp_path / "eval.json").read_text())
+    for name in ("teacher", "student_before", "student_after"):
+        assert METRICS <= set(report[name]), f"{name} misses {METRICS - set(report[name])}"
+        assert report[name]["n_problems"] == 4 and report[name]["k"] == 2
+    assert "gap_recovery" in report
+    for phase in ("before", "after"):
+        divergence = report["heldout_kl"][phase]
+        assert divergence["n_tokens"] > 0 and divergence["reverse_kl"] >= 0 and divergence["forward_kl"] >= 0
+    if "--use_peft" in flags:
+        assert (tmp_path / "adapter_config.json").exists(), "--use_peft must save a LoRA adapter"
