@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import multiprocessing as mp
 import queue as queue_module
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -39,3 +41,18 @@ def write_results(report: dict, out: Path, table: str, markdown: Path | None) ->
     if markdown:
         with markdown.open("a") as handle:
             handle.write("\n" + table)
+
+
+def toy_preset() -> dict[str, Any]:
+    """The `OPDConfig` fields of examples/opd_math.py's `toy` preset (the main job's settings)."""
+    import dataclasses
+
+    from trl_opd import OPDConfig
+
+    path = Path(__file__).resolve().parent.parent / "examples" / "opd_math.py"
+    spec = importlib.util.spec_from_file_location("opd_math", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses resolve the script's annotations through it
+    spec.loader.exec_module(module)
+    fields = {field.name for field in dataclasses.fields(OPDConfig)}
+    return {key: value for key, value in module.PRESETS["toy"].items() if key in fields}
