@@ -13,7 +13,19 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 from trl_opd import OPDConfig  # noqa: E402
-from trl_opd.toy import build_model, build_tokenizer  # noqa: E402
+from trl_opd.toy import ToyPairConfig, build_model, build_tokenizer  # noqa: E402
+
+# A toy pair that trains in a second: for tests of the wiring around the pair, not of its quality.
+TINY_PAIR = ToyPairConfig(
+    teacher_hidden_size=24,
+    teacher_num_layers=2,
+    teacher_steps=3,
+    student_hidden_size=16,
+    student_num_layers=1,
+    student_steps=2,
+    num_heads=2,
+    batch_size=4,
+)
 
 
 @pytest.fixture(scope="session")

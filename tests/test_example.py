@@ -10,20 +10,10 @@ import copy
 import json
 
 import pytest
-from conftest import load_example, run_example
+from conftest import TINY_PAIR, load_example, run_example
 
-from trl_opd.toy import ToyPairConfig, build_toy_pair
+from trl_opd.toy import build_toy_pair
 
-TINY_PAIR = ToyPairConfig(
-    teacher_hidden_size=24,
-    teacher_num_layers=2,
-    teacher_steps=3,
-    student_hidden_size=16,
-    student_num_layers=1,
-    student_steps=2,
-    num_heads=2,
-    batch_size=4,
-)
 SMALL = [
     "--max_steps", "2",
     "--per_device_train_batch_size", "4",

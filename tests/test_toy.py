@@ -6,6 +6,7 @@ import re
 
 import pytest
 import torch
+from conftest import TINY_PAIR
 
 from trl_opd import toy
 from trl_opd.toy import (
@@ -18,17 +19,6 @@ from trl_opd.toy import (
     problem_pool,
     split_of,
     train_sft,
-)
-
-TINY = ToyPairConfig(
-    teacher_hidden_size=24,
-    teacher_num_layers=2,
-    teacher_steps=3,
-    student_hidden_size=16,
-    student_num_layers=1,
-    student_steps=2,
-    num_heads=2,
-    batch_size=4,
 )
 
 
@@ -117,10 +107,10 @@ def test_build_toy_pair_trains_once_then_loads(tmp_path, monkeypatch):
         return real_train_sft(*args, **kwargs)
 
     monkeypatch.setattr(toy, "train_sft", counting_train_sft)
-    teacher, student, tokenizer = build_toy_pair(tmp_path, TINY, progress=False)
-    assert calls == [TINY.teacher_steps, TINY.student_steps]
-    directory = tmp_path / TINY.key()
-    assert sorted(path.name for path in tmp_path.iterdir()) == [TINY.key()]  # no staging folder left behind
+    teacher, student, tokenizer = build_toy_pair(tmp_path, TINY_PAIR, progress=False)
+    assert calls == [TINY_PAIR.teacher_steps, TINY_PAIR.student_steps]
+    directory = tmp_path / TINY_PAIR.key()
+    assert sorted(path.name for path in tmp_path.iterdir()) == [TINY_PAIR.key()]  # no staging folder left behind
     assert (directory / "teacher" / "config.json").exists() and (directory / "student" / "config.json").exists()
     assert teacher.config.vocab_size == student.config.vocab_size == len(tokenizer)
     assert (teacher.config.hidden_size, teacher.config.num_hidden_layers) == (24, 2)
@@ -128,11 +118,11 @@ def test_build_toy_pair_trains_once_then_loads(tmp_path, monkeypatch):
     assert not teacher.training and not student.training
 
     stamp = (directory / "settings.json").stat().st_mtime_ns
-    teacher_again, student_again, _ = build_toy_pair(tmp_path, TINY, progress=False)
-    assert calls == [TINY.teacher_steps, TINY.student_steps]  # loaded, not retrained
+    teacher_again, student_again, _ = build_toy_pair(tmp_path, TINY_PAIR, progress=False)
+    assert calls == [TINY_PAIR.teacher_steps, TINY_PAIR.student_steps]  # loaded, not retrained
     assert (directory / "settings.json").stat().st_mtime_ns == stamp
     for again, first in ((teacher_again, teacher), (student_again, student)):
         assert all(torch.equal(a, b) for a, b in zip(again.state_dict().values(), first.state_dict().values()))
 
-    build_toy_pair(tmp_path, ToyPairConfig(**{**TINY.__dict__, "student_steps": 1}), progress=False)
-    assert calls[2:] == [TINY.teacher_steps, 1]  # changed settings: a new build
+    build_toy_pair(tmp_path, ToyPairConfig(**{**TINY_PAIR.__dict__, "student_steps": 1}), progress=False)
+    assert calls[2:] == [TINY_PAIR.teacher_steps, 1]  # changed settings: a new build

@@ -9,10 +9,11 @@ Definitions, for N problems with k sampled completions each and c_i of problem i
 
 from __future__ import annotations
 
+import contextlib
 import math
 import re
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -99,6 +100,36 @@ def _eos_ids(model: Any, tokenizer: Any) -> list[int]:
     return sorted(i for i in ids if i is not None)
 
 
+@contextlib.contextmanager
+def _sampling(models: Sequence[Any], tokenizer: Any, seed: int) -> Iterator[None]:
+    """For the duration: left padding, the models in eval mode and the RNG seeded with `seed` in a fork of the global
+    state (so calls are reproducible and comparable without disturbing training); all restored afterwards."""
+    padding_side, tokenizer.padding_side = tokenizer.padding_side, "left"
+    modes = [model.training for model in models]
+    for model in models:
+        model.eval()
+    device = models[0].device
+    try:
+        with torch.random.fork_rng(
+            devices=[] if device.type == "cpu" else [device.index or 0], device_type=device.type
+        ):
+            torch.manual_seed(seed)
+            yield
+    finally:
+        tokenizer.padding_side = padding_side
+        for model, mode in zip(models, modes):
+            model.train(mode)
+
+
+def _prompt_batches(
+    prompts: Sequence[Any], tokenizer: Any, batch_size: int, device: torch.device, desc: str, progress: bool
+) -> Iterator[tuple[int, Any]]:
+    """(start index, tokenised left-padded batch) for `prompts` in batches of `batch_size`, with a progress bar."""
+    for start in tqdm(range(0, len(prompts), batch_size), desc=desc, disable=not progress):
+        batch = [_prompt_text(prompt, tokenizer) for prompt in prompts[start : start + batch_size]]
+        yield start, tokenizer(batch, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+
+
 @torch.no_grad()
 def evaluate(
     model: Any,
@@ -138,32 +169,19 @@ def evaluate(
         "pad_token_id": tokenizer.pad_token_id,
         **(sampling if temperature > 0 else {"do_sample": False}),
     }
-    padding_side, tokenizer.padding_side = tokenizer.padding_side, "left"
-    was_training = model.training
-    model.eval()
     correct, lengths, truncated = [], [], []
-    try:
-        device = model.device
-        with torch.random.fork_rng(
-            devices=[] if device.type == "cpu" else [device.index or 0], device_type=device.type
-        ):
-            torch.manual_seed(seed)
-            for start in tqdm(range(0, len(prompts), batch_size), desc="evaluate", disable=not progress):
-                batch = [_prompt_text(prompt, tokenizer) for prompt in prompts[start : start + batch_size]]
-                inputs = tokenizer(batch, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
-                output = model.generate(**inputs, **generation_kwargs)
-                completion_ids = output[:, inputs["input_ids"].shape[1] :].cpu()
-                ends = torch.isin(completion_ids, torch.tensor(eos_ids))
-                has_end = ends.any(dim=1)
-                length = torch.where(has_end, ends.int().argmax(dim=1) + 1, completion_ids.shape[1])
-                completions = tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
-                for i, answer in enumerate(answers[start : start + batch_size]):
-                    correct.append([is_correct(completion, answer) for completion in completions[i * k : (i + 1) * k]])
-                lengths.extend(length.tolist())
-                truncated.extend((~has_end).tolist())
-    finally:
-        tokenizer.padding_side = padding_side
-        model.train(was_training)
+    with _sampling([model], tokenizer, seed):
+        for start, inputs in _prompt_batches(prompts, tokenizer, batch_size, model.device, "evaluate", progress):
+            output = model.generate(**inputs, **generation_kwargs)
+            completion_ids = output[:, inputs["input_ids"].shape[1] :].cpu()
+            ends = torch.isin(completion_ids, torch.tensor(eos_ids))
+            has_end = ends.any(dim=1)
+            length = torch.where(has_end, ends.int().argmax(dim=1) + 1, completion_ids.shape[1])
+            completions = tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
+            for i, answer in enumerate(answers[start : start + batch_size]):
+                correct.append([is_correct(completion, answer) for completion in completions[i * k : (i + 1) * k]])
+            lengths.extend(length.tolist())
+            truncated.extend((~has_end).tolist())
     return {
         **score(correct),
         "k": k,
@@ -201,52 +219,38 @@ def heldout_divergence(
     """
     eos_ids = _eos_ids(student, tokenizer)
     prompts = list(dataset["prompt"])
-    padding_side, tokenizer.padding_side = tokenizer.padding_side, "left"
-    modes = (student.training, teacher.training)
-    student.eval()
-    teacher.eval()
     totals = dict.fromkeys(("reverse_kl", "forward_kl", *HELDOUT_DIAGNOSTICS), 0.0)
     n_tokens = 0
-    try:
-        device = student.device
-        with torch.random.fork_rng(
-            devices=[] if device.type == "cpu" else [device.index or 0], device_type=device.type
-        ):
-            torch.manual_seed(seed)
-            for start in tqdm(range(0, len(prompts), batch_size), desc="held-out KL", disable=not progress):
-                batch = [_prompt_text(prompt, tokenizer) for prompt in prompts[start : start + batch_size]]
-                inputs = tokenizer(batch, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
-                output = student.generate(
-                    **inputs,
-                    max_new_tokens=max_new_tokens,
-                    do_sample=True,
-                    temperature=temperature,
-                    top_p=1.0,
-                    top_k=0,
-                    eos_token_id=eos_ids,
-                    pad_token_id=tokenizer.pad_token_id,
-                )
-                prompt_length = inputs["input_ids"].shape[1]
-                completion = output[:, prompt_length:]
-                ends = torch.isin(completion, torch.tensor(eos_ids, device=device))
-                after_end = (ends.cumsum(dim=1) - ends.int()) > 0
-                mask = torch.cat([inputs["attention_mask"], (~after_end).long()], dim=1)
-                positions = slice(prompt_length - 1, -1)  # the logits that predict each completion token
-                log_q = student(input_ids=output, attention_mask=mask).logits[:, positions].float() / temperature
-                log_p = teacher(input_ids=output, attention_mask=mask).logits[:, positions].float() / temperature
-                log_q, log_p = log_q.log_softmax(-1), log_p.log_softmax(-1)
-                counted = ~after_end
-                count = int(counted.sum())
-                totals["reverse_kl"] += kl_divergence(log_q, log_p)[counted].sum().item()
-                totals["forward_kl"] += kl_divergence(log_p, log_q)[counted].sum().item()
-                stats = token_diagnostics(log_q[counted], log_p[counted], completion[counted], top_k)
-                for name in HELDOUT_DIAGNOSTICS:
-                    totals[name] += stats.get(name, 0.0) * count
-                n_tokens += count
-    finally:
-        tokenizer.padding_side = padding_side
-        student.train(modes[0])
-        teacher.train(modes[1])
+    device = student.device
+    with _sampling([student, teacher], tokenizer, seed):
+        for _, inputs in _prompt_batches(prompts, tokenizer, batch_size, device, "held-out KL", progress):
+            output = student.generate(
+                **inputs,
+                max_new_tokens=max_new_tokens,
+                do_sample=True,
+                temperature=temperature,
+                top_p=1.0,
+                top_k=0,
+                eos_token_id=eos_ids,
+                pad_token_id=tokenizer.pad_token_id,
+            )
+            prompt_length = inputs["input_ids"].shape[1]
+            completion = output[:, prompt_length:]
+            ends = torch.isin(completion, torch.tensor(eos_ids, device=device))
+            after_end = (ends.cumsum(dim=1) - ends.int()) > 0
+            mask = torch.cat([inputs["attention_mask"], (~after_end).long()], dim=1)
+            positions = slice(prompt_length - 1, -1)  # the logits that predict each completion token
+            log_q = student(input_ids=output, attention_mask=mask).logits[:, positions].float() / temperature
+            log_p = teacher(input_ids=output, attention_mask=mask).logits[:, positions].float() / temperature
+            log_q, log_p = log_q.log_softmax(-1), log_p.log_softmax(-1)
+            counted = ~after_end
+            count = int(counted.sum())
+            totals["reverse_kl"] += kl_divergence(log_q, log_p)[counted].sum().item()
+            totals["forward_kl"] += kl_divergence(log_p, log_q)[counted].sum().item()
+            stats = token_diagnostics(log_q[counted], log_p[counted], completion[counted], top_k)
+            for name in HELDOUT_DIAGNOSTICS:
+                totals[name] += stats.get(name, 0.0) * count
+            n_tokens += count
     return {
         **{name: total / max(n_tokens, 1) for name, total in totals.items()},
         "n_tokens": n_tokens,
