@@ -12,28 +12,35 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import tempfile
+import warnings
 from pathlib import Path
 
 from common import run_in_child, write_results
 
+# (config overrides, CollapseGuard action): every run has a guard, so that its first alarm shows when the
+# diagnostics flag the inflation; "shorten" is the guard used as a stabiliser.
 RUNS = {
-    "reverse KL (no stabiliser)": {},
-    "reverse KL + ref KL 0.5 + gold SFT 0.5 (Stable-OPD)": {"ref_kl_coef": 0.5, "gold_sft_weight": 0.5},
-    "mixed KL w=0.7": {"kl_direction": "mixed", "forward_kl_weight": 0.7},
+    "reverse KL (no stabiliser)": ({}, "warn"),
+    "reverse KL + ref KL 0.5 + gold SFT 0.5 (Stable-OPD)": ({"ref_kl_coef": 0.5, "gold_sft_weight": 0.5}, "warn"),
+    "reverse KL + CollapseGuard(action='shorten')": ({}, "shorten"),
+    "mixed KL w=0.7": ({"kl_direction": "mixed", "forward_kl_weight": 0.7}, "warn"),
 }
 KEYS = ("opd/truncation_rate", "opd/repetition_rate", "completions/mean_length", "opd/student_entropy")
+ALARM = re.compile(r"CollapseGuard at step (\d+)")  # the guard's warning, which names the step
+GUARD_THRESHOLD = 0.3  # CollapseGuard's max truncation and repetition rates
 
 
-def _run(overrides: dict, settings: dict, queue) -> None:
+def _run(overrides: dict, action: str, settings: dict, queue) -> None:
     import torch
 
-    from trl_opd import OPDConfig, OPDTrainer
+    from trl_opd import CollapseGuard, OPDConfig, OPDTrainer
     from trl_opd.toy import build_toy_pair, make_dataset
 
     torch.set_num_threads(2)
     teacher, student, tokenizer = build_toy_pair(progress=False)
-    args = OPDConfig(
+    base = dict(
         output_dir=tempfile.mkdtemp(),
         prefix_source="student",
         kl_direction="reverse",
@@ -48,22 +55,26 @@ def _run(overrides: dict, settings: dict, queue) -> None:
         disable_tqdm=True,
         bf16=False,
         seed=0,
-        **overrides,
     )
+    args = OPDConfig(**{**base, **overrides})
     trainer = OPDTrainer(
         model=student,
         teacher_model=teacher,
         args=args,
         train_dataset=make_dataset(settings["steps"] * settings["batch"], split="train"),
         processing_class=tokenizer,
+        callbacks=[CollapseGuard(GUARD_THRESHOLD, GUARD_THRESHOLD, action=action, min_length=32)],
     )
-    trainer.train()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.train()
+    alarms = [int(match[1]) for w in caught if (match := ALARM.match(str(w.message)))]
     history = [
         {"step": entry["step"], **{key: entry.get(key) for key in KEYS}}
         for entry in trainer.state.log_history
         if "loss" in entry
     ]
-    queue.put(history)
+    queue.put({"history": history, "alarm_steps": alarms})
 
 
 def main() -> None:
@@ -78,21 +89,24 @@ def main() -> None:
     args = parser.parse_args()
     settings = {k: getattr(args, k) for k in ("steps", "batch", "length", "lr", "log_every")}
     results = {}
-    for name, overrides in RUNS.items():
-        results[name] = run_in_child(_run, overrides=overrides, settings=settings)
-        for row in results[name]:
+    for name, (overrides, action) in RUNS.items():
+        results[name] = run_in_child(_run, overrides=overrides, action=action, settings=settings)
+        for row in results[name]["history"]:
             print(name, json.dumps(row), flush=True)
     lines = [
         f"### Length inflation on the toy pair ({args.steps} steps, lr {args.lr}, max {args.length} new tokens)",
         "",
-        "Values at the first and last logging step.",
+        f"Values at the first and last logging step; CollapseGuard thresholds {GUARD_THRESHOLD} (truncation and "
+        "repetition rate).",
         "",
-        "| run | truncation rate | repetition rate | mean length | student entropy |",
-        "|---|---|---|---|---|",
+        "| run | truncation rate | repetition rate | mean length | student entropy | first guard alarm |",
+        "|---|---|---|---|---|---|",
     ]
-    for name, history in results.items():
-        first, last = history[0], history[-1]
+    for name, run in results.items():
+        first, last = run["history"][0], run["history"][-1]
         cells = [f"{first[key]:.2f} → {last[key]:.2f}" if last[key] is not None else "—" for key in KEYS]
+        alarms = run["alarm_steps"]
+        cells.append(f"step {alarms[0]} ({len(alarms)} in all)" if alarms else "none")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     write_results({"settings": settings, "results": results}, args.out, "\n".join(lines) + "\n", args.markdown)
 
