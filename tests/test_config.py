@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 from trl import DistillationConfig
 
@@ -64,3 +66,13 @@ def test_meaningful_combinations_are_accepted(tmp_path, kwargs):
     args = config(tmp_path, **kwargs)
     for key, value in kwargs.items():
         assert getattr(args, key) == value
+
+
+def test_logged_config_keeps_every_opd_value(tmp_path):
+    """`to_dict()` is what `report_to` backends log; transformers redacts any field named `*_token` there (as for
+    `hub_token`), so no trl-opd field may end that way or its value would be lost from every run's config."""
+    settings = config(tmp_path, kl_direction="mixed", forward_kl_weight=0.8, mask_special_tokens=False)
+    logged = settings.to_dict()
+    added = {f.name for f in dataclasses.fields(OPDConfig)} - {f.name for f in dataclasses.fields(DistillationConfig)}
+    assert added, "OPDConfig adds no fields?"
+    assert {name: logged[name] for name in added} == {name: getattr(settings, name) for name in added}

@@ -244,13 +244,13 @@ def test_trainer_loss_equals_the_reference_on_explicit_logits(
     torch.testing.assert_close(loss, reference, rtol=1e-5, atol=1e-5)
 
 
-def test_special_tokens_are_masked_but_the_answer_eos_is_kept(student, teacher, tokenizer, tmp_path):
+def test_special_tokens_are_masked_and_the_answer_eos_only_with_mask_eos(student, teacher, tokenizer, tmp_path):
     dataset = make_dataset(4).map(
         lambda row: {
             "completion": [{"role": "assistant", "content": "<think>1</think>" + row["completion"][0]["content"]}]
         }
     )
-    for mask_special in (True, False):
+    for mask_special, mask_eos in ((True, False), (False, False), (True, True)):
         trainer = build(
             student,
             teacher,
@@ -261,6 +261,7 @@ def test_special_tokens_are_masked_but_the_answer_eos_is_kept(student, teacher, 
             max_steps=1,
             max_completion_length=32,
             mask_special_tokens=mask_special,
+            mask_eos=mask_eos,
         )
         batches = capture_batches(trainer)
         trainer.train()
@@ -270,7 +271,7 @@ def test_special_tokens_are_masked_but_the_answer_eos_is_kept(student, teacher, 
         eos = ids == tokenizer.eos_token_id
         assert think.sum() == 8 and eos.sum() == 4
         assert (loss_mask[think] == (not mask_special)).all()
-        assert loss_mask[eos].all()
+        assert (loss_mask[eos] == (not mask_eos)).all()
         assert batch["num_items_in_batch"] == loss_mask.sum()
 
 

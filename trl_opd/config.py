@@ -151,7 +151,7 @@ class OPDConfig(DistillationConfig):
             "markers other than the EOS that ends the answer, think tags, ...) from the loss (Fu et al.)."
         },
     )
-    mask_eos_token: bool = field(
+    mask_eos: bool = field(
         default=False,
         metadata={
             "help": "With `mask_special_tokens`, also exclude the EOS that ends the answer. Off by default: the "

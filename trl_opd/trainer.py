@@ -200,7 +200,7 @@ class OPDTrainer(DistillationTrainer):
         ids = set(tokenizer.all_special_ids)
         ids |= {i for i, token in tokenizer.added_tokens_decoder.items() if token.special}
         ids |= {i for tag in THINK_TAGS if (i := tokenizer.convert_tokens_to_ids(tag)) != tokenizer.unk_token_id}
-        if not self.args.mask_eos_token:
+        if not self.args.mask_eos:
             ids -= set(self.eos_token_ids)
         ids.discard(None)
         return torch.tensor(sorted(ids), dtype=torch.long)
