@@ -1,6 +1,6 @@
 """On-policy distillation on math problems, with the student evaluated before and after and the teacher as the bar.
 
-Offline default (CPU, no hub; about 7 minutes on 2 cores, 3 of them building the toy pair on first use): the toy-math
+Offline default (CPU, no hub; about 8 minutes on 2 cores, 3 of them building the toy pair on first use): the toy-math
 world of `trl_opd.toy`, a tiny Qwen2 teacher that solves chained single-digit additions and a smaller, clearly weaker
 Qwen2 student, both trained in-process and cached:
 
