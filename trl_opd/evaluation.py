@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from .callbacks.heldout import completion_mask, eos_token_ids
 from .diagnostics import token_diagnostics
 from .losses import kl_divergence
 
@@ -92,14 +93,6 @@ def _prompt_text(prompt: Any, tokenizer: Any) -> str:
     return tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
 
 
-def _eos_ids(model: Any, tokenizer: Any) -> list[int]:
-    """Every token that ends a completion: the tokenizer's EOS and the generation config's (Qwen lists several)."""
-    ids = {tokenizer.eos_token_id}
-    configured = model.generation_config.eos_token_id
-    ids.update(configured if isinstance(configured, list) else [configured])
-    return sorted(i for i in ids if i is not None)
-
-
 @contextlib.contextmanager
 def _sampling(models: Sequence[Any], tokenizer: Any, seed: int) -> Iterator[None]:
     """For the duration: left padding, the models in eval mode and the RNG seeded with `seed` in a fork of the global
@@ -160,7 +153,7 @@ def evaluate(
     if temperature == 0 and k > 1:
         raise ValueError("Greedy decoding (temperature=0) gives k identical samples: use k=1 or a temperature > 0.")
     prompts, answers = list(dataset["prompt"]), list(dataset["answer"])
-    eos_ids = _eos_ids(model, tokenizer)
+    eos_ids = eos_token_ids(model, tokenizer)
     sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": 0}
     generation_kwargs = {
         "max_new_tokens": max_new_tokens,
@@ -174,9 +167,8 @@ def evaluate(
         for start, inputs in _prompt_batches(prompts, tokenizer, batch_size, model.device, "evaluate", progress):
             output = model.generate(**inputs, **generation_kwargs)
             completion_ids = output[:, inputs["input_ids"].shape[1] :].cpu()
-            ends = torch.isin(completion_ids, torch.tensor(eos_ids))
-            has_end = ends.any(dim=1)
-            length = torch.where(has_end, ends.int().argmax(dim=1) + 1, completion_ids.shape[1])
+            has_end = torch.isin(completion_ids, torch.tensor(eos_ids)).any(dim=1)
+            length = completion_mask(completion_ids, eos_ids).sum(dim=1)
             completions = tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
             for i, answer in enumerate(answers[start : start + batch_size]):
                 correct.append([is_correct(completion, answer) for completion in completions[i * k : (i + 1) * k]])
@@ -217,7 +209,7 @@ def heldout_divergence(
     `n_problems`. Unlike the training diagnostics these are measured on student samples whatever the prefix source,
     so runs with different sources compare.
     """
-    eos_ids = _eos_ids(student, tokenizer)
+    eos_ids = eos_token_ids(student, tokenizer)
     prompts = list(dataset["prompt"])
     totals = dict.fromkeys(("reverse_kl", "forward_kl", *HELDOUT_DIAGNOSTICS), 0.0)
     n_tokens = 0
@@ -236,14 +228,12 @@ def heldout_divergence(
             )
             prompt_length = inputs["input_ids"].shape[1]
             completion = output[:, prompt_length:]
-            ends = torch.isin(completion, torch.tensor(eos_ids, device=device))
-            after_end = (ends.cumsum(dim=1) - ends.int()) > 0
-            mask = torch.cat([inputs["attention_mask"], (~after_end).long()], dim=1)
+            counted = completion_mask(completion, eos_ids)
+            mask = torch.cat([inputs["attention_mask"], counted.long()], dim=1)
             positions = slice(prompt_length - 1, -1)  # the logits that predict each completion token
             log_q = student(input_ids=output, attention_mask=mask).logits[:, positions].float() / temperature
             log_p = teacher(input_ids=output, attention_mask=mask).logits[:, positions].float() / temperature
             log_q, log_p = log_q.log_softmax(-1), log_p.log_softmax(-1)
-            counted = ~after_end
             count = int(counted.sum())
             totals["reverse_kl"] += kl_divergence(log_q, log_p)[counted].sum().item()
             totals["forward_kl"] += kl_divergence(log_p, log_q)[counted].sum().item()
