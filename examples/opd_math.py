@@ -360,8 +360,13 @@ def main(script_args: ScriptArguments, training_args: OPDConfig, model_args: Mod
         print(f"wrote {path}")
 
 
-if __name__ == "__main__":
+def parse(argv: list[str]) -> tuple[ScriptArguments, OPDConfig, ModelConfig]:
+    """The command line `argv` (and its `--config` file) parsed over the defaults of its preset."""
     parser = make_parser()
-    preset = preset_name(sys.argv[1:])
+    preset = preset_name(argv)
     parser.set_defaults(preset=preset, **PRESETS[preset])
-    main(*parser.parse_args_and_config())
+    return parser.parse_args_and_config(args=argv)
+
+
+if __name__ == "__main__":
+    main(*parse(sys.argv[1:]))

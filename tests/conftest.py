@@ -95,12 +95,3 @@ def load_example(monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setitem(sys.modules, spec.name, example)
     spec.loader.exec_module(example)
     return example
-
-
-def run_example(example, monkeypatch: pytest.MonkeyPatch, arguments: list[str]) -> None:
-    """Run the example's `__main__` block on `arguments` in this process: the preset's defaults, then the flags."""
-    parser = example.make_parser()
-    preset = example.preset_name(arguments)
-    parser.set_defaults(preset=preset, **example.PRESETS[preset])
-    monkeypatch.setattr("sys.argv", ["opd_math.py", *arguments])
-    example.main(*parser.parse_args_and_config())

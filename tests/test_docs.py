@@ -14,6 +14,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from conftest import load_example
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
@@ -118,18 +119,13 @@ def _example_commands() -> list[tuple[str, list[str]]]:
 def test_documented_example_commands_parse(monkeypatch):
     """Every documented command line of the example script parses with the script's own parser and presets, and the
     resulting `OPDConfig` passes validation (`--use_cpu` only so that bf16 configs build on a CPU)."""
-    spec = importlib.util.spec_from_file_location("opd_math_example", ROOT / EXAMPLE)
-    example = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, spec.name, example)  # dataclasses resolve string annotations through it
-    spec.loader.exec_module(example)
+    example = load_example(monkeypatch)
     commands = _example_commands()
     assert len(commands) >= 15, "the docs lost their example command lines"
     failures = []
     for page, arguments in commands:
-        parser = example.make_parser()
-        parser.set_defaults(**example.PRESETS[example.preset_name(arguments)])
         try:
-            parser.parse_args_into_dataclasses(args=[*arguments, "--use_cpu", "true"])
+            example.parse([*arguments, "--use_cpu", "true"])
         except (SystemExit, ValueError, TypeError) as error:
             failures.append(f"{page}: {' '.join(arguments)}\n    {type(error).__name__}: {error}")
     assert not failures, "documented example commands that do not parse or validate:\n" + "\n".join(failures)

@@ -10,7 +10,7 @@ import copy
 import json
 
 import pytest
-from conftest import TINY_PAIR, load_example, run_example
+from conftest import TINY_PAIR, load_example
 
 from trl_opd.toy import build_toy_pair
 
@@ -49,7 +49,7 @@ def tiny_pair(tmp_path_factory):
 def test_example_prints_its_table_and_writes_eval_json(flags, tiny_pair, tmp_path, monkeypatch, capsys):
     example = load_example(monkeypatch)
     monkeypatch.setattr(example, "build_toy_pair", lambda cache_dir=None: copy.deepcopy(tiny_pair))
-    run_example(example, monkeypatch, [*SMALL, *flags, "--output_dir", str(tmp_path)])
+    example.main(*example.parse([*SMALL, *flags, "--output_dir", str(tmp_path)]))
     printed = capsys.readouterr().out
     for row in ("teacher", "student_before", "student_after", "gap recovery (avg@2)", "reverse_kl", "forward_kl"):
         assert row in printed, f"the table lost its {row!r} row:\n{printed}"

@@ -88,13 +88,13 @@ def test_smollm2_pruned_preset_reports_heldout_kl(smollm2, tmp_path, monkeypatch
     """`examples/opd_math.py --preset smollm2-pruned`, shrunk to one step: the KL table and eval.json, no accuracy."""
     import json
 
-    from conftest import load_example, run_example
+    from conftest import load_example
 
     example = load_example(monkeypatch)
     monkeypatch.setattr(example, "load_smollm2", lambda: smollm2)
     small = ["--max_steps", "1", "--per_device_train_batch_size", "2", "--n_train_problems", "2"]
     small += ["--n_eval_problems", "2", "--max_completion_length", "6", "--report_to", "none"]
-    run_example(example, monkeypatch, ["--preset", "smollm2-pruned", *small, "--output_dir", str(tmp_path)])
+    example.main(*example.parse(["--preset", "smollm2-pruned", *small, "--output_dir", str(tmp_path)]))
     printed = capsys.readouterr().out
     assert "held-out KL per token" in printed and "gap recovery" not in printed
     report = json.loads((tmp_path / "eval.json").read_text())
