@@ -299,6 +299,13 @@ def print_report(report: dict[str, Any]) -> None:
 def main(script_args: ScriptArguments, training_args: OPDConfig, model_args: ModelConfig) -> None:
     state = PartialState()
     quantization_config = None
+    builds_pair = script_args.preset == "smollm2-pruned" or script_args.dataset_name is None
+    if builds_pair and (model_args.model_name_or_path or training_args.teacher_model_name_or_path):
+        raise ValueError(
+            f"The '{script_args.preset}' preset builds its own teacher and student, so --model_name_or_path and "
+            "--teacher_model_name_or_path would be ignored: drop them, or pass --dataset_name (and --preset gsm8k) "
+            "to distil those models."
+        )
     if script_args.preset == "smollm2-pruned":
         with state.main_process_first():  # one process converts the GGUF weights, the others then load them
             teacher, tokenizer = load_smollm2()

@@ -63,3 +63,11 @@ def test_example_prints_its_table_and_writes_eval_json(flags, tiny_pair, tmp_pat
         assert divergence["n_tokens"] > 0 and divergence["reverse_kl"] >= 0 and divergence["forward_kl"] >= 0
     if "--use_peft" in flags:
         assert (tmp_path / "adapter_config.json").exists(), "--use_peft must save a LoRA adapter"
+
+
+@pytest.mark.parametrize("preset", ["toy", "smollm2-pruned"])
+def test_model_names_with_an_in_process_pair_fail_with_the_fix(preset, tmp_path, monkeypatch):
+    example = load_example(monkeypatch)
+    arguments = ["--preset", preset, "--model_name_or_path", "Qwen/Qwen2.5-0.5B-Instruct", "--report_to", "none"]
+    with pytest.raises(ValueError, match="drop them, or pass --dataset_name"):
+        example.main(*example.parse([*arguments, "--output_dir", str(tmp_path)]))
