@@ -43,6 +43,7 @@ def _measure(
     from trl.trainer.distillation_trainer import _chunked_divergence_loss
 
     from trl_opd.chunked import OutputHead, divergence_from_hidden
+    from trl_opd.losses import Divergence
 
     torch.manual_seed(0)
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -70,11 +71,8 @@ def _measure(
                 teacher_hidden,
                 OutputHead(student_weight),
                 OutputHead(teacher_weight),
-                kl_direction="reverse",
-                loss_support=support,
-                loss_top_k=k,
-                loss_add_tail=bool(tail),
-                token_ids=token_ids,
+                Divergence("reverse", loss_support=support, loss_top_k=k, loss_add_tail=bool(tail)),
+                token_ids,
             )
             loss = divergence.mean()
         loss.backward()

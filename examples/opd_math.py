@@ -55,7 +55,7 @@ CALCULATOR_ANNOTATION = re.compile(r"<<[^>]*>>")  # GSM8K's "<<48/2=24>>" calcul
 
 # Defaults per preset, applied to the parser before the command line (which still overrides every one of them).
 PRESETS: dict[str, dict[str, Any]] = {
-    # Tuned on 2 CPU cores: a forward-heavy KL mix on student prefixes (FORMULAS.md §1) with the learning rate decayed
+    # Tuned on 2 CPU cores: a forward-heavy KL mix on student prefixes (docs/concepts.md, KL mixing) with the learning rate decayed
     # to zero over 300 steps of 32 problems (~3 minutes) closes ~80% of the gap; reverse KL alone closes ~40%.
     "toy": dict(
         output_dir="outputs/opd_math_toy",

@@ -9,7 +9,7 @@ import torch
 
 from trl_opd import chunked
 from trl_opd.chunked import OutputHead, divergence_from_hidden
-from trl_opd.losses import per_token_divergence
+from trl_opd.losses import Divergence, per_token_divergence
 
 SUPPORTS = ("full", "teacher_topk", "student_topk", "union_topk")
 DIRECTIONS = ("forward", "reverse", "jsd", "mixed")
@@ -39,7 +39,7 @@ def explicit_logits(hidden, head):
 
 def compare(student_hidden, teacher_hidden, student, teacher, tokens, **kwargs):
     params = [student_hidden, student.weight] + ([student.bias] if student.bias is not None else [])
-    got, _ = divergence_from_hidden(student_hidden, teacher_hidden, student, teacher, token_ids=tokens, **kwargs)
+    got, _ = divergence_from_hidden(student_hidden, teacher_hidden, student, teacher, Divergence(**kwargs), tokens)
     got_grads = torch.autograd.grad(got.sum(), params)
     expected = per_token_divergence(
         explicit_logits(student_hidden, student),
@@ -93,9 +93,9 @@ def test_bias_logit_scale_and_softcap_are_applied(support):
 def test_token_chunking_does_not_change_the_result(monkeypatch):
     inputs = heads(bias=False, scale=1.0, softcap=None, seed=2)
     kwargs = dict(kl_direction="mixed", loss_support="union_topk", loss_top_k=4, loss_add_tail=True)
-    whole, _ = divergence_from_hidden(*inputs[:4], **kwargs)
+    whole, _ = divergence_from_hidden(*inputs[:4], Divergence(**kwargs))
     monkeypatch.setattr(chunked, "TILE_ELEMENTS", 97 * 3)  # three positions per chunk
-    chunks, _ = divergence_from_hidden(*inputs[:4], **kwargs)
+    chunks, _ = divergence_from_hidden(*inputs[:4], Divergence(**kwargs))
     torch.testing.assert_close(chunks, whole)
 
 
@@ -109,10 +109,8 @@ def test_entropy_is_the_students_at_its_temperature():
             teacher_hidden,
             student,
             teacher,
-            kl_direction="reverse",
-            loss_support=support,
-            loss_top_k=5,
-            token_ids=tokens,
+            Divergence(kl_direction="reverse", loss_support=support, loss_top_k=5),
+            tokens,
         )
         torch.testing.assert_close(entropy, expected.detach(), rtol=1e-5, atol=1e-5)
 
@@ -120,7 +118,7 @@ def test_entropy_is_the_students_at_its_temperature():
 def test_no_loss_positions_gives_a_differentiable_zero():
     student_hidden, teacher_hidden, student, teacher, _ = heads(bias=False, scale=1.0, softcap=None)
     got, entropy = divergence_from_hidden(
-        student_hidden[:0], teacher_hidden[:0], student, teacher, kl_direction="reverse"
+        student_hidden[:0], teacher_hidden[:0], student, teacher, Divergence(kl_direction="reverse")
     )
     assert got.shape == (0,) and entropy.shape == (0,)
     got.sum().backward()

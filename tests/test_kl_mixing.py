@@ -1,5 +1,5 @@
 """KL mixing's reported tradeoff on a toy task: a reverse-heavy mix sharpens the student, a forward-heavy one keeps
-entropy (FORMULAS.md §1, arXiv 2605.16826)."""
+entropy (docs/concepts.md, KL mixing; arXiv 2605.16826)."""
 
 from __future__ import annotations
 

@@ -133,7 +133,7 @@ def _jacobian_log_softmax(z):
 
 @pytest.mark.parametrize("seed", range(3))
 def test_forward_gradient_is_soft_target_cross_entropy(seed):
-    """∇ KL(p_T‖q_θ) = −E_{v∼p_T} ∇ log q_θ(v)  (FORMULAS.md §1)."""
+    """∇ KL(p_T‖q_θ) = −E_{v∼p_T} ∇ log q_θ(v)  (docs/concepts.md, the two axes)."""
     student, teacher = (x[0, 0] for x in logits_pair(seed=seed))
     student.requires_grad_(True)
     (grad,) = torch.autograd.grad(per_token_divergence(student, teacher, kl_direction="forward"), student)
@@ -144,7 +144,7 @@ def test_forward_gradient_is_soft_target_cross_entropy(seed):
 
 @pytest.mark.parametrize("seed", range(3))
 def test_reverse_gradient_is_policy_gradient_with_dense_reward(seed):
-    """∇ KL(q_θ‖p_T) = E_{v∼q_θ}[(log q_θ(v) − log p_T(v)) ∇ log q_θ(v)]  (FORMULAS.md §1)."""
+    """∇ KL(q_θ‖p_T) = E_{v∼q_θ}[(log q_θ(v) − log p_T(v)) ∇ log q_θ(v)]  (docs/concepts.md, the two axes)."""
     student, teacher = (x[0, 0] for x in logits_pair(seed=seed))
     student.requires_grad_(True)
     (grad,) = torch.autograd.grad(per_token_divergence(student, teacher, kl_direction="reverse"), student)
@@ -238,7 +238,7 @@ def test_sampled_token_value_is_the_log_ratio():
 
 @pytest.mark.parametrize("direction", ["reverse", "forward"])
 def test_sampled_token_gradient_is_exact_kl_gradient_in_expectation(direction):
-    """Σ_y P(y) ∇ surrogate(y) over every token y of a tiny vocabulary equals ∇ of the full KL (FORMULAS.md §4)."""
+    """Σ_y P(y) ∇ surrogate(y) over every token y of a tiny vocabulary equals ∇ of the full KL (docs/concepts.md, sampled-token estimator)."""
     student, teacher = (x[0, 0] for x in logits_pair(shape=(1, 1, 7), seed=3))
     student.requires_grad_(True)
     vocab = torch.arange(7)

@@ -9,7 +9,8 @@ import torch
 from conftest import make_dataset
 from datasets import Dataset
 
-from trl_opd.prefixes import dataset_completion_ids, draw_prefix_source, validate_prompt_dataset
+from trl_opd.prefixes import dataset_completion_ids, draw_prefix_source
+from trl_opd.validation import validate_prompt_dataset
 
 
 def test_non_mixed_sources_are_returned_as_is():

@@ -20,7 +20,7 @@ positions (≈ 2^24 floats), never (N, V).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
@@ -29,7 +29,14 @@ from trl.kernels.chunked_divergence import ChunkedDivergenceFunction
 from trl.kernels.chunked_logprob import ChunkedLogProbFunction
 from trl.trainer.utils import maybe_gather_lm_head_ctx
 
-from .losses import outside_log_mass, sampled_token_divergence, support_log_probs, token_divergence, topk_support
+from .losses import (
+    Divergence,
+    outside_log_mass,
+    sampled_token_divergence,
+    support_log_probs,
+    token_divergence,
+    topk_support,
+)
 
 LOGPROB_VOCAB_CHUNK = 32768  # vocabulary tile of TRL's chunked log-prob kernel (TRL's own default)
 TILE_ELEMENTS = 2**24  # a (C, V) fp32 tile of 64 MiB
@@ -56,10 +63,6 @@ class OutputHead:
             bias = bias.full_tensor() if bias is not None else None
         return cls(weight, bias, _logit_scale(config), getattr(config, "final_logit_softcapping", None), temperature)
 
-    def at_temperature(self, temperature: float) -> OutputHead:
-        """The same head read at another temperature."""
-        return replace(self, temperature=temperature)
-
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """fp32 transformed logits of `hidden` (n, H) over the whole vocabulary: (n, V)."""
         with maybe_gather_lm_head_ctx(self.weight, self.bias):
@@ -83,6 +86,15 @@ class OutputHead:
         return z / self.temperature
 
 
+@dataclass(frozen=True)
+class Positions:
+    """A model's next-token distributions at N positions, softmax(`head`(`hidden`)), kept as hidden states (N, H)
+    and the head so that the loss projects them chunk by chunk."""
+
+    hidden: torch.Tensor
+    head: OutputHead
+
+
 def _logit_scale(config) -> float:
     """The multiplier a model applies to its logits (Cohere `logit_scale`, Granite `1/logits_scaling`, ...)."""
     for name in ("logit_scale", "output_multiplier", "lm_head_multiplier"):
@@ -95,18 +107,12 @@ def _logit_scale(config) -> float:
     return 1.0
 
 
-def _kernel_beta(kl_direction: str, beta: float) -> float:
-    return {"forward": 0.0, "reverse": 1.0}.get(kl_direction, beta)
-
-
 def full_divergence(
     student_hidden: torch.Tensor,
     teacher_hidden: torch.Tensor,
     student_head: OutputHead,
     teacher_head: OutputHead,
-    kl_direction: str,
-    beta: float = 0.5,
-    forward_kl_weight: float = 0.5,
+    divergence: Divergence,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Whole-vocabulary divergence via TRL's chunked kernel; (divergence (N,), student entropy (N,)).
 
@@ -132,11 +138,11 @@ def full_divergence(
             teacher_softcap,
         )
 
-    if kl_direction == "mixed":
+    if divergence.kl_direction == "mixed":
         forward, entropy = kernel(0.0)
         reverse, _ = kernel(1.0)
-        return forward_kl_weight * forward + (1 - forward_kl_weight) * reverse, entropy
-    return kernel(_kernel_beta(kl_direction, beta))
+        return divergence.forward_kl_weight * forward + (1 - divergence.forward_kl_weight) * reverse, entropy
+    return kernel({"forward": 0.0, "reverse": 1.0}.get(divergence.kl_direction, divergence.beta))
 
 
 def _token_chunk(elements_per_position: int) -> int:
@@ -198,26 +204,26 @@ def topk_divergence(
     teacher_hidden: torch.Tensor,
     student_head: OutputHead,
     teacher_head: OutputHead,
-    kl_direction: str,
-    loss_support: str,
-    loss_top_k: int,
-    loss_add_tail: bool = False,
-    beta: float = 0.5,
-    forward_kl_weight: float = 0.5,
+    divergence: Divergence,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k-support divergence (docs/concepts.md) from hidden states; (divergence (N,), student entropy (N,))."""
+    add_tail = divergence.loss_add_tail
     support = _select_support(
-        student_hidden, teacher_hidden, student_head, teacher_head, loss_support, loss_top_k, loss_add_tail
+        student_hidden,
+        teacher_hidden,
+        student_head,
+        teacher_head,
+        divergence.loss_support,
+        divergence.loss_top_k,
+        add_tail,
     )
-    student_support, student_outside = _student_support(student_hidden, student_head, support.index, loss_add_tail)
-    divergence = token_divergence(
+    student_support, student_outside = _student_support(student_hidden, student_head, support.index, add_tail)
+    value = token_divergence(
         support_log_probs(student_support, support.valid, student_outside),
         support_log_probs(support.teacher_support, support.valid, support.teacher_outside),
-        kl_direction,
-        forward_kl_weight,
-        beta,
+        divergence,
     )
-    return divergence, support.student_entropy
+    return value, support.student_entropy
 
 
 def _student_support(
@@ -245,14 +251,14 @@ def entropy_gated_forward_kl(
     k: int,
     threshold: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """EOPD's extra term (Jin et al., arXiv 2603.07079; docs/concepts.md): 1[H(p_T) > τ] · KL(p̄_T‖q̄_θ) on the
-    teacher's top-k support, renormalised. Returns (term (N,), gate (N,) as 0/1 floats)."""
+    """`losses.entropy_gated_forward_kl` from hidden states: 1[H(p_T) > τ] · KL(p̄_T‖q̄_θ) on the teacher's top-k
+    support, renormalised (EOPD, Jin et al., arXiv 2603.07079). Returns (term (N,), gate (N,) as 0/1 floats)."""
     support = _select_support(student_hidden, teacher_hidden, student_head, teacher_head, "teacher_topk", k, False)
     student_support, _ = _student_support(student_hidden, student_head, support.index, False)
     forward = token_divergence(
         support_log_probs(student_support, support.valid),
         support_log_probs(support.teacher_support, support.valid),
-        "forward",
+        Divergence("forward", loss_support="teacher_topk", loss_top_k=k),
     )
     gate = (support.teacher_entropy > threshold).to(forward.dtype)
     return gate * forward, gate
@@ -290,21 +296,28 @@ def token_log_probs(hidden: torch.Tensor, head: OutputHead, token_ids: torch.Ten
     return (log_probs, entropy) if with_entropy else log_probs
 
 
+def reference_kl(
+    student_hidden: torch.Tensor, reference_hidden: torch.Tensor, student_head: OutputHead, reference_head: OutputHead
+) -> torch.Tensor:
+    """`losses.reference_kl` from hidden states, KL(q_θ‖q_ref) per position (N,), with TRL's chunked kernel."""
+    kl, _ = full_divergence(student_hidden, reference_hidden, student_head, reference_head, Divergence("reverse"))
+    return kl
+
+
+def gold_nll(hidden: torch.Tensor, head: OutputHead, gold_ids: torch.Tensor) -> torch.Tensor:
+    """`losses.gold_nll` from hidden states, −log q_θ(y) per gold token (M,), with TRL's chunked log-prob kernel."""
+    return -token_log_probs(hidden, head, gold_ids)
+
+
 def divergence_from_hidden(
     student_hidden: torch.Tensor,
     teacher_hidden: torch.Tensor,
     student_head: OutputHead,
     teacher_head: OutputHead,
-    *,
-    kl_direction: str,
-    loss_support: str = "full",
-    loss_top_k: int = 32,
-    loss_add_tail: bool = False,
-    beta: float = 0.5,
-    forward_kl_weight: float = 0.5,
+    divergence: Divergence,
     token_ids: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Dispatch on `loss_support`: per-position divergence (N,) and student entropy (N,), both in nats.
+    """Dispatch on `divergence.loss_support`: per-position divergence (N,) and student entropy (N,), both in nats.
 
     `student_hidden`/`teacher_hidden` are (N, H_s)/(N, H_t) at the loss positions; `token_ids` (N,) are the
     prefix tokens at those positions (needed by "sampled_token").
@@ -313,23 +326,10 @@ def divergence_from_hidden(
         empty = student_hidden.sum(-1) * 0.0
         return empty, empty.detach()
     with maybe_gather_lm_head_ctx(student_head.weight, student_head.bias, teacher_head.weight, teacher_head.bias):
-        if loss_support == "full":
-            return full_divergence(
-                student_hidden, teacher_hidden, student_head, teacher_head, kl_direction, beta, forward_kl_weight
-            )
-        if loss_support == "sampled_token":
+        if divergence.loss_support == "full":
+            return full_divergence(student_hidden, teacher_hidden, student_head, teacher_head, divergence)
+        if divergence.loss_support == "sampled_token":
             return sampled_divergence(
-                student_hidden, teacher_hidden, student_head, teacher_head, token_ids, kl_direction
+                student_hidden, teacher_hidden, student_head, teacher_head, token_ids, divergence.kl_direction
             )
-        return topk_divergence(
-            student_hidden,
-            teacher_hidden,
-            student_head,
-            teacher_head,
-            kl_direction,
-            loss_support,
-            loss_top_k,
-            loss_add_tail,
-            beta,
-            forward_kl_weight,
-        )
+        return topk_divergence(student_hidden, teacher_hidden, student_head, teacher_head, divergence)

@@ -280,6 +280,13 @@ class OPDConfig(DistillationConfig):
         return min(10_000, 4 * (self.max_completion_length or 2_500))
 
     @property
+    def uses_dataset_prefixes(self) -> bool:
+        """True when some generation batches take the dataset's `completion` column as their prefixes."""
+        return self.prefix_source == "dataset" or (
+            self.prefix_source == "mixed" and self.off_policy_source == "dataset"
+        )
+
+    @property
     def resolved_teacher_temperature(self) -> float:
         """The teacher's softmax temperature: `teacher_temperature`, or `temperature` when unset."""
         return self.temperature if self.teacher_temperature is None else self.teacher_temperature

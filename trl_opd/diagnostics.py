@@ -26,6 +26,9 @@ TOKEN_DIAGNOSTICS = (
     "log_ratio_std",
     "log_ratio_positive_share",
 )
+# what `token_diagnostics` returns when given the repeated-n-gram mask: the above and the log-ratio split by it
+TOKEN_DIAGNOSTICS_LOGGED = (*TOKEN_DIAGNOSTICS, "log_ratio_repeated", "log_ratio_non_repeated")
+GRADIENT_COHERENCE = "gradient_coherence"
 
 
 def compression_ratio(text: str) -> float:
@@ -50,12 +53,16 @@ def repetition_rate(texts: Sequence[str], tail_chars: int, threshold: float) -> 
     return sum(compression_ratio(text[-tail_chars:]) > threshold for text in texts) / len(texts)
 
 
-def truncation_rate(completion_ids: Sequence[Sequence[int]], eos_token_ids: Sequence[int], max_length: int) -> float:
-    """TruncRate: share of completions that reached `max_length` tokens without an EOS."""
+def truncation_rate(
+    completion_ids: Sequence[Sequence[int]], eos_token_ids: Sequence[int], max_length: int | None
+) -> float:
+    """TruncRate: share of completions that reached `max_length` tokens without an EOS (with `max_length` None, that
+    ended without an EOS: the generation's own length limit cut them)."""
     if not completion_ids:
         return 0.0
     eos = set(eos_token_ids)
-    return sum(len(ids) >= max_length and not eos.intersection(ids) for ids in completion_ids) / len(completion_ids)
+    cut = [(max_length is None or len(ids) >= max_length) and not eos.intersection(ids) for ids in completion_ids]
+    return sum(cut) / len(completion_ids)
 
 
 def repeated_token_mask(token_ids: torch.Tensor, n: int = 4) -> torch.Tensor:

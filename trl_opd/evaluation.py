@@ -9,7 +9,6 @@ Definitions, for N problems with k sampled completions each and c_i of problem i
 
 from __future__ import annotations
 
-import contextlib
 import math
 import re
 import threading
@@ -19,9 +18,9 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from .callbacks.heldout import completion_mask, eos_token_ids
 from .diagnostics import token_diagnostics
 from .losses import kl_divergence
+from .rollouts import completion_mask, eos_token_ids, sampling_context
 
 ANSWER_LINE = re.compile(r"####\s*(.+)")
 BOXED = re.compile(r"\\boxed\{([^{}]*)\}")
@@ -93,27 +92,6 @@ def _prompt_text(prompt: Any, tokenizer: Any) -> str:
     return tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
 
 
-@contextlib.contextmanager
-def _sampling(models: Sequence[Any], tokenizer: Any, seed: int) -> Iterator[None]:
-    """For the duration: left padding, the models in eval mode and the RNG seeded with `seed` in a fork of the global
-    state (so calls are reproducible and comparable without disturbing training); all restored afterwards."""
-    padding_side, tokenizer.padding_side = tokenizer.padding_side, "left"
-    modes = [model.training for model in models]
-    for model in models:
-        model.eval()
-    device = models[0].device
-    try:
-        with torch.random.fork_rng(
-            devices=[] if device.type == "cpu" else [device.index or 0], device_type=device.type
-        ):
-            torch.manual_seed(seed)
-            yield
-    finally:
-        tokenizer.padding_side = padding_side
-        for model, mode in zip(models, modes):
-            model.train(mode)
-
-
 def _prompt_batches(
     prompts: Sequence[Any], tokenizer: Any, batch_size: int, device: torch.device, desc: str, progress: bool
 ) -> Iterator[tuple[int, Any]]:
@@ -163,7 +141,7 @@ def evaluate(
         **(sampling if temperature > 0 else {"do_sample": False}),
     }
     correct, lengths, truncated = [], [], []
-    with _sampling([model], tokenizer, seed):
+    with sampling_context([model], seed, tokenizer):
         for start, inputs in _prompt_batches(prompts, tokenizer, batch_size, model.device, "evaluate", progress):
             output = model.generate(**inputs, **generation_kwargs)
             completion_ids = output[:, inputs["input_ids"].shape[1] :].cpu()
@@ -214,7 +192,7 @@ def heldout_divergence(
     totals = dict.fromkeys(("reverse_kl", "forward_kl", *HELDOUT_DIAGNOSTICS), 0.0)
     n_tokens = 0
     device = student.device
-    with _sampling([student, teacher], tokenizer, seed):
+    with sampling_context([student, teacher], seed, tokenizer):
         for _, inputs in _prompt_batches(prompts, tokenizer, batch_size, device, "held-out KL", progress):
             output = student.generate(
                 **inputs,

@@ -9,12 +9,44 @@ masked entries (`torch.where` is always applied to the inputs of a product, not 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
 from .config import KL_DIRECTIONS, LOSS_SUPPORTS, TOPK_SUPPORTS
 
 NEG_INF = float("-inf")
+
+
+@dataclass(frozen=True)
+class Divergence:
+    """Which token-level divergence is matched, and where: the settings every divergence function takes as one value.
+
+    - `kl_direction`: "forward" KL(p_T‖q_θ), "reverse" KL(q_θ‖p_T), "jsd" (`generalized_jsd` with `beta`) or "mixed"
+      (`forward_kl_weight`·forward + (1 − `forward_kl_weight`)·reverse);
+    - `loss_support`: "full", a top-k set ("teacher_topk", "student_topk", "union_topk", `loss_top_k` ids, with a
+      tail bucket when `loss_add_tail`) or "sampled_token".
+
+    The defaults are those of the public `per_token_divergence`; the trainer always builds this from its `OPDConfig`,
+    whose `beta` default is TRL's (1.0). Invalid combinations raise `ValueError` naming the valid ones.
+    """
+
+    kl_direction: str = "reverse"
+    forward_kl_weight: float = 0.5
+    beta: float = 0.5
+    loss_support: str = "full"
+    loss_top_k: int = 32
+    loss_add_tail: bool = False
+
+    def __post_init__(self) -> None:
+        if self.kl_direction not in KL_DIRECTIONS:
+            raise ValueError(f"`kl_direction` must be one of {list(KL_DIRECTIONS)}, got {self.kl_direction!r}.")
+        if self.loss_support not in LOSS_SUPPORTS:
+            raise ValueError(f"`loss_support` must be one of {list(LOSS_SUPPORTS)}, got {self.loss_support!r}.")
+        if self.loss_add_tail and self.loss_support not in TOPK_SUPPORTS:
+            raise ValueError(
+                f"`loss_add_tail=True` needs a top-k support ({list(TOPK_SUPPORTS)}), got {self.loss_support!r}."
+            )
 
 
 def kl_divergence(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
@@ -51,30 +83,24 @@ def generalized_jsd(student_log_probs: torch.Tensor, teacher_log_probs: torch.Te
 
 
 def token_divergence(
-    student_log_probs: torch.Tensor,
-    teacher_log_probs: torch.Tensor,
-    kl_direction: str = "reverse",
-    forward_kl_weight: float = 0.5,
-    beta: float = 0.5,
+    student_log_probs: torch.Tensor, teacher_log_probs: torch.Tensor, divergence: Divergence
 ) -> torch.Tensor:
-    """The per-position divergence chosen by `kl_direction` (docs/concepts.md), over the last dimension.
+    """The per-position divergence chosen by `divergence.kl_direction` (docs/concepts.md), over the last dimension.
 
     - "forward": KL(p_T‖q_θ); gradient −E_{v∼p_T}∇log q_θ(v) (cross-entropy to soft targets);
     - "reverse": KL(q_θ‖p_T); gradient E_{v∼q_θ}[(log q_θ − log p_T)(v)∇log q_θ(v)];
     - "jsd": `generalized_jsd` with `beta`;
     - "mixed": w·KL(p_T‖q_θ) + (1−w)·KL(q_θ‖p_T), w = `forward_kl_weight` (arXiv 2605.16826).
     """
-    if kl_direction == "forward":
+    if divergence.kl_direction == "forward":
         return kl_divergence(teacher_log_probs, student_log_probs)
-    if kl_direction == "reverse":
+    if divergence.kl_direction == "reverse":
         return kl_divergence(student_log_probs, teacher_log_probs)
-    if kl_direction == "jsd":
-        return generalized_jsd(student_log_probs, teacher_log_probs, beta)
-    if kl_direction == "mixed":
-        forward = kl_divergence(teacher_log_probs, student_log_probs)
-        reverse = kl_divergence(student_log_probs, teacher_log_probs)
-        return forward_kl_weight * forward + (1 - forward_kl_weight) * reverse
-    raise ValueError(f"`kl_direction` must be one of {list(KL_DIRECTIONS)}, got {kl_direction!r}.")
+    if divergence.kl_direction == "jsd":
+        return generalized_jsd(student_log_probs, teacher_log_probs, divergence.beta)
+    forward = kl_divergence(teacher_log_probs, student_log_probs)
+    reverse = kl_divergence(student_log_probs, teacher_log_probs)
+    return divergence.forward_kl_weight * forward + (1 - divergence.forward_kl_weight) * reverse
 
 
 def topk_support(
@@ -169,12 +195,12 @@ def per_token_divergence(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor,
     *,
-    kl_direction: str = "reverse",
-    forward_kl_weight: float = 0.5,
-    beta: float = 0.5,
-    loss_support: str = "full",
-    loss_top_k: int = 32,
-    loss_add_tail: bool = False,
+    kl_direction: str = Divergence.kl_direction,
+    forward_kl_weight: float = Divergence.forward_kl_weight,
+    beta: float = Divergence.beta,
+    loss_support: str = Divergence.loss_support,
+    loss_top_k: int = Divergence.loss_top_k,
+    loss_add_tail: bool = Divergence.loss_add_tail,
     temperature: float = 1.0,
     teacher_temperature: float | None = None,
     sampled_token_ids: torch.Tensor | None = None,
@@ -182,7 +208,8 @@ def per_token_divergence(
     """Per-position divergence in nats between student and teacher next-token distributions.
 
     Logits have shape (..., V); the result has shape (...). Student probabilities are softmax(z_s/`temperature`),
-    teacher ones softmax(z_t/`teacher_temperature`) (default: `temperature`). The support is:
+    teacher ones softmax(z_t/`teacher_temperature`) (default: `temperature`). The keyword arguments are the fields of
+    `Divergence`; the support is:
 
     - "full": the whole vocabulary, `token_divergence` of `kl_direction` (docs/concepts.md);
     - "teacher_topk" / "student_topk" / "union_topk": S_t from `topk_support`, both distributions renormalised on
@@ -193,39 +220,71 @@ def per_token_divergence(
     Invalid combinations raise `ValueError` naming the valid ones.
     """
     _check_logits(student_logits, teacher_logits)
-    if kl_direction not in KL_DIRECTIONS:
-        raise ValueError(f"`kl_direction` must be one of {list(KL_DIRECTIONS)}, got {kl_direction!r}.")
-    if loss_support not in LOSS_SUPPORTS:
-        raise ValueError(f"`loss_support` must be one of {list(LOSS_SUPPORTS)}, got {loss_support!r}.")
-    if loss_add_tail and loss_support not in TOPK_SUPPORTS:
-        raise ValueError(f"`loss_add_tail=True` needs a top-k support ({list(TOPK_SUPPORTS)}), got {loss_support!r}.")
+    divergence = Divergence(kl_direction, forward_kl_weight, beta, loss_support, loss_top_k, loss_add_tail)
     teacher_temperature = temperature if teacher_temperature is None else teacher_temperature
-    student_logits = student_logits / temperature
-    teacher_logits = teacher_logits / teacher_temperature
+    return divergence_of_logits(
+        student_logits / temperature, teacher_logits / teacher_temperature, divergence, sampled_token_ids
+    )
 
-    if loss_support == "full":
+
+def divergence_of_logits(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    divergence: Divergence,
+    sampled_token_ids: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """`per_token_divergence` on logits that already include each side's temperature (see there)."""
+    if divergence.loss_support == "full":
         return token_divergence(
-            torch.log_softmax(student_logits, dim=-1),
-            torch.log_softmax(teacher_logits, dim=-1),
-            kl_direction,
-            forward_kl_weight,
-            beta,
+            torch.log_softmax(student_logits, dim=-1), torch.log_softmax(teacher_logits, dim=-1), divergence
         )
-    if loss_support == "sampled_token":
+    if divergence.loss_support == "sampled_token":
         if sampled_token_ids is None:
             raise ValueError("`loss_support='sampled_token'` needs `sampled_token_ids` (the tokens of the prefix).")
         index = sampled_token_ids.unsqueeze(-1)
         student_lp = torch.log_softmax(student_logits, dim=-1).gather(-1, index).squeeze(-1)
         teacher_lp = torch.log_softmax(teacher_logits, dim=-1).gather(-1, index).squeeze(-1)
-        return sampled_token_divergence(student_lp, teacher_lp, kl_direction)
+        return sampled_token_divergence(student_lp, teacher_lp, divergence.kl_direction)
 
-    index, valid = topk_support(student_logits, teacher_logits, loss_support, loss_top_k)
-    student_outside = outside_log_mass(student_logits, index) if loss_add_tail else None
-    teacher_outside = outside_log_mass(teacher_logits, index) if loss_add_tail else None
+    index, valid = topk_support(student_logits, teacher_logits, divergence.loss_support, divergence.loss_top_k)
+    student_outside = outside_log_mass(student_logits, index) if divergence.loss_add_tail else None
+    teacher_outside = outside_log_mass(teacher_logits, index) if divergence.loss_add_tail else None
     return token_divergence(
         support_log_probs(student_logits.gather(-1, index), valid, student_outside),
         support_log_probs(teacher_logits.gather(-1, index), valid, teacher_outside),
-        kl_direction,
-        forward_kl_weight,
-        beta,
+        divergence,
     )
+
+
+# ------------------------------------------------------------------------------ the objective's other terms
+
+
+def entropy(log_probs: torch.Tensor) -> torch.Tensor:
+    """H(p) = −Σ_v p(v) log p(v) over the last dimension, from log-probabilities (0·log 0 = 0)."""
+    return -torch.where(log_probs > NEG_INF, log_probs.exp() * log_probs, torch.zeros_like(log_probs)).sum(-1)
+
+
+def reference_kl(student_logits: torch.Tensor, reference_logits: torch.Tensor) -> torch.Tensor:
+    """Stable-OPD's anchor (Luo et al., arXiv 2604.08527): KL(q_θ‖q_ref) per position over the whole vocabulary,
+    q_ref the initial student; logits include the student's temperature."""
+    return kl_divergence(torch.log_softmax(student_logits, dim=-1), torch.log_softmax(reference_logits, dim=-1))
+
+
+def entropy_gated_forward_kl(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, k: int, threshold: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """EOPD's extra term (Jin et al., arXiv 2603.07079): 1[H(p_T) > τ] · KL(p̄_T‖q̄_θ), where p̄_T and q̄_θ are both
+    distributions renormalised on the teacher's top-k ids and H(p_T) is the teacher's full-vocabulary entropy.
+
+    Logits include each side's temperature. Returns (term, gate), the gate as 0/1 floats, both of shape (...).
+    """
+    forward = divergence_of_logits(
+        student_logits, teacher_logits, Divergence("forward", loss_support="teacher_topk", loss_top_k=k)
+    )
+    gate = (entropy(torch.log_softmax(teacher_logits.float(), dim=-1)) > threshold).to(forward.dtype)
+    return gate * forward, gate
+
+
+def gold_nll(student_logits: torch.Tensor, gold_ids: torch.Tensor) -> torch.Tensor:
+    """Stable-OPD's SFT term (Luo et al.): −log q_θ(y) per gold token y; logits include the student's temperature."""
+    return -torch.log_softmax(student_logits, dim=-1).gather(-1, gold_ids.unsqueeze(-1)).squeeze(-1)

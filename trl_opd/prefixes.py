@@ -1,18 +1,22 @@
-"""Where the completions come from: the prefix source of a generation batch, and dataset completions as tokens.
+"""Where the completions come from: the prefix source of each generation batch, and the completions it writes.
 
-The trainer samples student prefixes with TRL's own generation (HF `generate` or vLLM) and teacher prefixes with the
-same code run on the teacher; this module holds the pieces that are pure functions of their inputs: the seeded
-per-batch draw of `prefix_source="mixed"`, the tokenisation of a dataset's `completion` column, and the dataset checks.
+Student prefixes are TRL's own generation (HF `generate` or vLLM); teacher prefixes run the same HF code on the
+teacher at its temperature; dataset prefixes are the tokenised `completion` column. `PrefixWriter` is what the
+trainer's one generation override asks for a batch's completions; the rest are pure functions: the seeded per-batch
+draw of `prefix_source="mixed"` and the tokenisation of dataset completions (also the gold-SFT term's targets).
 """
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
-from datasets import Dataset, IterableDataset
+import torch
 from transformers import PreTrainedTokenizerBase
+from trl.trainer.utils import pad
 
 
 def draw_prefix_source(
@@ -75,29 +79,99 @@ def dataset_completion_ids(
     return ids if max_length is None else ids[:max_length]
 
 
-def validate_prompt_dataset(dataset: Dataset | IterableDataset | None, name: str, needs_completion: bool) -> None:
-    """Fail fast on a dataset the trainer cannot use, with the fix in the message."""
-    if dataset is None:
-        return
-    if isinstance(dataset, dict):
-        for key, split in dataset.items():
-            validate_prompt_dataset(split, f"{name}[{key!r}]", needs_completion)
-        return
-    columns = dataset.column_names or []
-    if "prompt" not in columns:
-        raise ValueError(
-            f"`{name}` has no `prompt` column (columns: {columns}). Rename the column holding the prompts, e.g. "
-            f"`{name} = {name}.rename_column('question', 'prompt')`."
+def padded_completions(
+    completions: list[list[int]], pad_token_id: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded (B, T) ids and their mask, as TRL pads completions."""
+    tensors = [torch.tensor(ids, dtype=torch.long) for ids in completions]
+    ids = pad(tensors, padding_value=pad_token_id, padding_side="right").to(device)
+    mask = pad([torch.ones_like(t) for t in tensors], padding_value=0, padding_side="right").to(device)
+    return ids, mask
+
+
+class PrefixWriter:
+    """Writes the completions of each generation batch from the source drawn for it.
+
+    `trainer` is the `OPDTrainer`: teacher prefixes temporarily put the teacher in the four places TRL's HF
+    generation path reads (`model_wrapped`, `use_vllm`, `generation_config`, `generation_kwargs`), so teacher samples
+    get exactly the student's settings, gathering and EOS handling, at the teacher's temperature.
+    """
+
+    def __init__(self, trainer: Any) -> None:
+        self._trainer = trainer
+        self.source = "student"
+        self._rows: list[dict[str, Any]] | None = None
+
+    @contextlib.contextmanager
+    def batch(self, source: str, rows: list[dict[str, Any]]) -> Iterator[None]:
+        """While TRL builds the generation batch of dataset `rows`, write its completions from `source`."""
+        self.source, self._rows = source, rows
+        try:
+            yield
+        finally:
+            self.source, self._rows = "student", None
+
+    def write(self, prompt_ids: list[list[int]], generate: Callable[[], list[list[int]]]) -> list[list[int]]:
+        """The completions for `prompt_ids`; `generate` is TRL's generation of them by the model in place."""
+        self.sync_generation_knobs()
+        if self.source == "dataset":
+            return self._dataset_completions(prompt_ids)
+        if self.source == "teacher":
+            with self._teacher_generates():
+                return generate()
+        return generate()
+
+    def sync_generation_knobs(self) -> None:
+        """Push `args.temperature`/`args.max_completion_length` into TRL's cached generation settings.
+
+        TRL copies both into its generation config (and vLLM sampler) at construction; callbacks (schedules, the
+        length curriculum) change `args`, so the copies are refreshed before every generation, on every rank alike.
+        """
+        trainer = self._trainer
+        temperature, max_length = trainer.args.temperature, trainer.args.max_completion_length
+        trainer.temperature, trainer.max_completion_length = temperature, max_length
+        trainer.generation_kwargs.update(temperature=temperature, max_new_tokens=max_length)
+        trainer.generation_config.temperature, trainer.generation_config.max_new_tokens = temperature, max_length
+        if trainer.use_vllm:
+            trainer.vllm_generation.temperature = temperature
+            trainer.vllm_generation.max_completion_length = max_length
+
+    def _dataset_completions(self, prompt_ids: list[list[int]]) -> list[list[int]]:
+        if self._rows is None or "completion" not in self._rows[0]:
+            raise ValueError(
+                "Dataset prefixes need a `completion` column in every row of the train dataset (gold solutions), or "
+                "`prefix_source='student'`/'teacher'."
+            )
+        return dataset_completions(self._trainer, self._rows, prompt_ids)
+
+    @contextlib.contextmanager
+    def _teacher_generates(self) -> Iterator[None]:
+        trainer = self._trainer
+        temperature = trainer.args.resolved_teacher_temperature
+        saved = (trainer.model_wrapped, trainer.use_vllm, trainer.generation_config, trainer.generation_kwargs)
+        generation_config = copy.deepcopy(trainer.generation_config)
+        generation_config.temperature = temperature
+        trainer.model_wrapped, trainer.use_vllm = trainer.teacher_model, False
+        trainer.generation_config = generation_config
+        trainer.generation_kwargs = {**trainer.generation_kwargs, "temperature": temperature}
+        try:
+            yield
+        finally:
+            trainer.model_wrapped, trainer.use_vllm, trainer.generation_config, trainer.generation_kwargs = saved
+
+
+def dataset_completions(trainer: Any, rows: list[dict[str, Any]], prompt_ids: list[list[int]]) -> list[list[int]]:
+    """`dataset_completion_ids` of each row after its prompt ids, with the trainer's tokenizer, EOS ids, length cap
+    and chat-template arguments."""
+    return [
+        dataset_completion_ids(
+            trainer._tokenizer,
+            row["prompt"],
+            row["completion"],
+            ids,
+            trainer.eos_token_ids,
+            trainer.args.max_completion_length,
+            **trainer.chat_template_kwargs,
         )
-    if needs_completion and "completion" not in columns:
-        raise ValueError(
-            f"`prefix_source` uses dataset completions, but `{name}` has no `completion` column (columns: "
-            f"{columns}). Add one (gold solutions, as in TRL's prompt-completion format), or use "
-            "`prefix_source='student'`/'teacher' (or `off_policy_source='teacher'` under 'mixed')."
-        )
-    if not isinstance(dataset, Dataset):
-        return
-    if len(dataset) == 0:
-        raise ValueError(f"`{name}` is empty: give it at least one row with a `prompt`.")
-    if any(not prompt for prompt in dataset["prompt"]):
-        raise ValueError(f"`{name}` has empty prompts; drop them, e.g. `{name}.filter(lambda row: row['prompt'])`.")
+        for row, ids in zip(rows, prompt_ids, strict=True)
+    ]

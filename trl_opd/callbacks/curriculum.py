@@ -14,8 +14,9 @@ from typing import Any
 
 from transformers import TrainerControl, TrainerState
 
+from ..rollouts import tokenize_prompts, tokenizer_of
 from .base import OPDCallback
-from .heldout import held_out_columns, sampled_entropy, sum_over_processes, tokenize_prompts, tokenizer_of
+from .heldout import held_out_columns, sampled_entropy, sum_over_processes
 
 RELATIVE_GATE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*x\s*$")
 

@@ -19,8 +19,10 @@ from accelerate import DistributedType, PartialState
 from safetensors.torch import load_file, save_file
 from transformers import TrainerControl, TrainerState
 
+from ..evaluation import evaluate
+from ..rollouts import sampling_context, tokenizer_of
 from .base import OPDCallback
-from .heldout import held_out_columns, sum_over_processes, tokenizer_of
+from .heldout import held_out_columns, sum_over_processes
 
 ATTENTION_MLP_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 ANCHOR_FILE = "effopd_anchor.safetensors"
@@ -187,23 +189,15 @@ class EffOPDCallback(OPDCallback):
 
     def _evaluate(self, model: Any, processing_class: Any) -> float:
         """`score_fn` without gradient, in eval mode, in a forked RNG; averaged over processes."""
-        device = next(model.parameters()).device
-        was_training = model.training
-        model.eval()
-        try:
-            with torch.no_grad(), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-                value = float(self._scorer(model, processing_class))
-        finally:
-            model.train(was_training)
-        return sum_over_processes([value], device)[0] / PartialState().num_processes
+        with torch.no_grad(), sampling_context([model]):
+            value = float(self._scorer(model, processing_class))
+        return sum_over_processes([value], next(model.parameters()).device)[0] / PartialState().num_processes
 
     def _default_score(self, args: Any) -> ScoreFn:
         """Greedy accuracy (`trl_opd.evaluation.evaluate`) on the held-out problems."""
         problems = held_out_columns(self.eval_prompts, self.eval_dataset, ("prompt", "answer"), type(self).__name__)
 
         def accuracy(model: Any, processing_class: Any) -> float:
-            from ..evaluation import evaluate
-
             metrics = evaluate(
                 model,
                 tokenizer_of(processing_class),

@@ -15,6 +15,8 @@ from accelerate import PartialState
 from accelerate.utils import reduce
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 
+from ..rollouts import completion_mask, eos_token_ids, sampling_context
+
 
 def _is_dataset_dict(source: Any) -> bool:
     return isinstance(source, Mapping) and any(hasattr(value, "column_names") for value in source.values())
@@ -56,29 +58,6 @@ def held_out_columns(eval_prompts: Any, eval_dataset: Any, columns: Sequence[str
     return data
 
 
-def tokenizer_of(processing_class: Any) -> Any:
-    """The text tokenizer of a tokenizer or a multimodal processor."""
-    return getattr(processing_class, "tokenizer", processing_class)
-
-
-def tokenize_prompts(tokenizer: Any, prompts: list, chat_template_kwargs: dict[str, Any] | None) -> list[list[int]]:
-    """Prompt token ids as TRL builds them: conversational prompts through the chat template with the generation
-    prompt, plain strings through the tokenizer."""
-    if isinstance(prompts[0], str):
-        return tokenizer(text=prompts)["input_ids"]
-    return tokenizer.apply_chat_template(
-        prompts, add_generation_prompt=True, tokenize=True, return_dict=True, **(chat_template_kwargs or {})
-    )["input_ids"]
-
-
-def eos_token_ids(model: Any, tokenizer: Any) -> list[int]:
-    """Every id that ends a completion: the tokenizer's EOS and the model generation config's."""
-    ids = {tokenizer.eos_token_id}
-    configured = model.generation_config.eos_token_id
-    ids.update(configured if isinstance(configured, list) else [configured])
-    return sorted(i for i in ids if i is not None)
-
-
 class EntropyRecorder(LogitsProcessor):
     """Records, at each generation step, the entropy of softmax(scores / temperature) per row; returns scores as is.
 
@@ -94,12 +73,6 @@ class EntropyRecorder(LogitsProcessor):
         probs = torch.softmax(scores.float() / self.temperature, dim=-1)
         self.entropies.append(torch.special.entr(probs).sum(dim=-1))
         return scores
-
-
-def completion_mask(completion_ids: torch.Tensor, eos_ids: Sequence[int]) -> torch.Tensor:
-    """1 on each completion token up to and including its first EOS, 0 on the padding after it."""
-    is_eos = torch.isin(completion_ids, torch.tensor(list(eos_ids), device=completion_ids.device)).int()
-    return (is_eos.cumsum(dim=1) - is_eos) == 0
 
 
 @torch.no_grad()
@@ -120,7 +93,8 @@ def sampled_entropy(
 
     The entropy at completion position t is H(q_θ(·|x, y_<t)) = −Σ_v q_θ(v) log q_θ(v) at `temperature`, in nats,
     summed over every sampled token up to and including the EOS. Sampling uses the training rollouts' settings and
-    is seeded with `seed` without touching the global RNG stream; the model is put in eval mode meanwhile.
+    is seeded with `seed` without touching the global RNG stream; the model is put in eval mode meanwhile
+    (`rollouts.sampling_context`).
     """
     device = next(model.parameters()).device
     width = max(map(len, prompt_ids))
@@ -144,19 +118,13 @@ def sampled_entropy(
         disable_compile=True,
     )
     recorder = EntropyRecorder(temperature)
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            torch.manual_seed(seed)
-            output = model.generate(
-                input_ids=input_ids.to(device),
-                attention_mask=attention_mask.to(device),
-                generation_config=config,
-                logits_processor=LogitsProcessorList([recorder]),
-            )
-    finally:
-        model.train(was_training)
+    with sampling_context([model], seed):
+        output = model.generate(
+            input_ids=input_ids.to(device),
+            attention_mask=attention_mask.to(device),
+            generation_config=config,
+            logits_processor=LogitsProcessorList([recorder]),
+        )
     completion_ids = output[:, width:]
     entropies = torch.stack(recorder.entropies, dim=1)[:, : completion_ids.shape[1]]
     mask = completion_mask(completion_ids, eos_ids)

@@ -1,0 +1,197 @@
+"""The training objective, declared in one place: the terms of the loss, their coefficients and formulas.
+
+Per micro-batch, over the N loss positions t (completion tokens that are not masked out) and the M tokens of the
+dataset's gold completions (docs/concepts.md):
+
+    loss = (1/N̂) Σ_t [ D(q_θ, p_T)_t + c_ref · KL(q_θ‖q_ref)_t + c_eopd · 1[H(p_T)_t > τ] · KL(p̄_T‖q̄_θ)_t ]
+         + c_gold · (1/M̂) Σ_m −log q_θ(y_m)
+
+D is the `Divergence` chosen by `kl_direction`/`loss_support`; N̂ and M̂ are the counts over the global batch as TRL
+normalises them. Each term is a `Term`: its name, the `OPDConfig` field of its coefficient (a term whose coefficient
+is 0 is not evaluated), its reference formula in `trl_opd.losses` (on explicit logits) and its fast path in
+`trl_opd.chunked` (on hidden states), which the tests check against the reference. `Objective.from_args` builds the
+objective from the config at every step, so that schedules changing a knob take effect at once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from typing import NamedTuple
+
+import torch
+from trl.trainer.utils import maybe_gather_lm_head_ctx
+
+from . import chunked, losses
+from .chunked import Positions
+from .config import OPDConfig
+from .losses import Divergence
+
+Metrics = dict[str, tuple[torch.Tensor, int]]  # opd/<name> → (sum over items, number of items)
+
+
+@dataclass(frozen=True)
+class LossBatch:
+    """What the objective reads for one micro-batch: each model's distributions at the positions its terms need."""
+
+    student: Positions  # q_θ at the N loss positions, hidden states with gradient
+    teacher: Positions  # p_T at the same positions
+    token_ids: torch.Tensor  # (N,) the prefix tokens there
+    reference: Positions | None = None  # q_ref at the same positions, for the reference-KL term
+    gold: Positions | None = None  # q_θ at the M gold-completion tokens, for the gold-SFT term
+    gold_ids: torch.Tensor | None = None  # (M,)
+
+    def _hidden(self) -> dict[str, torch.Tensor]:
+        named = {"student": self.student, "teacher": self.teacher, "reference": self.reference, "gold": self.gold}
+        return {name: positions.hidden for name, positions in named.items() if positions is not None}
+
+    def nonfinite(self) -> list[str]:
+        """Which models' hidden states hold NaN/inf."""
+        return [name for name, hidden in self._hidden().items() if not bool(torch.isfinite(hidden).all())]
+
+    def sanitized(self) -> LossBatch:
+        """The same batch with every non-finite hidden-state entry set to 0 (its gradient path kept)."""
+
+        def clean(positions: Positions | None) -> Positions | None:
+            return (
+                None if positions is None else replace(positions, hidden=torch.nan_to_num(positions.hidden, 0, 0, 0))
+            )
+
+        return replace(
+            self,
+            student=clean(self.student),
+            teacher=clean(self.teacher),
+            reference=clean(self.reference),
+            gold=clean(self.gold),
+        )
+
+    def head_parameters(self) -> list[torch.Tensor]:
+        """Every output-head weight and bias the terms read (gathered together under ZeRO-3)."""
+        heads = [self.student.head, self.teacher.head] + ([self.reference.head] if self.reference else [])
+        return [tensor for head in heads for tensor in (head.weight, head.bias) if tensor is not None]
+
+
+class TermValue(NamedTuple):
+    """One term on a batch: per-item values with gradient, the metrics it reports, and (main term) the entropy."""
+
+    values: torch.Tensor
+    metrics: Metrics
+    entropy: torch.Tensor | None = None
+
+
+@dataclass(frozen=True)
+class Term:
+    """One additive term of the loss."""
+
+    name: str
+    coefficient: str | None  # the `OPDConfig` field holding its weight; None: weight 1 (the main divergence)
+    over: str  # "positions" (normalised by N̂) or "gold_tokens" (normalised by M̂)
+    reference: Callable[..., torch.Tensor | tuple[torch.Tensor, torch.Tensor]]  # its formula in `losses`
+    fast: Callable[[LossBatch, Objective], TermValue]  # its hidden-state path in `chunked`
+    metrics: tuple[str, ...] = ()  # the `opd/` metrics it reports
+
+
+def _divergence(batch: LossBatch, objective: Objective) -> TermValue:
+    student, teacher = batch.student, batch.teacher
+    values, entropy = chunked.divergence_from_hidden(
+        student.hidden, teacher.hidden, student.head, teacher.head, objective.divergence, batch.token_ids
+    )
+    return TermValue(values, {}, entropy)
+
+
+def _reference_kl(batch: LossBatch, objective: Objective) -> TermValue:
+    student, reference = batch.student, batch.reference
+    kl = chunked.reference_kl(student.hidden, reference.hidden, student.head, reference.head)
+    return TermValue(kl, {"opd/ref_kl": (kl.detach().sum(), kl.numel())})
+
+
+def _entropy_gated_forward_kl(batch: LossBatch, objective: Objective) -> TermValue:
+    student, teacher = batch.student, batch.teacher
+    if student.hidden.shape[0] == 0:
+        return TermValue(student.hidden.sum(-1) * 0.0, {"opd/eopd_gate_share": (student.hidden.new_zeros(()), 0)})
+    term, gate = chunked.entropy_gated_forward_kl(
+        student.hidden,
+        teacher.hidden,
+        student.head,
+        teacher.head,
+        objective.divergence.loss_top_k,
+        objective.eopd_entropy_threshold,
+    )
+    return TermValue(term, {"opd/eopd_gate_share": (gate.sum(), gate.numel())})
+
+
+def _gold_sft(batch: LossBatch, objective: Objective) -> TermValue:
+    nll = chunked.gold_nll(batch.gold.hidden, batch.gold.head, batch.gold_ids)
+    return TermValue(nll, {"opd/gold_nll": (nll.detach().sum(), nll.numel())})
+
+
+TERMS = (
+    Term("divergence", None, "positions", losses.divergence_of_logits, _divergence),
+    Term("ref_kl", "ref_kl_coef", "positions", losses.reference_kl, _reference_kl, ("ref_kl",)),
+    Term(
+        "eopd",
+        "eopd_coef",
+        "positions",
+        losses.entropy_gated_forward_kl,
+        _entropy_gated_forward_kl,
+        ("eopd_gate_share",),
+    ),
+    Term("gold_sft", "gold_sft_weight", "gold_tokens", losses.gold_nll, _gold_sft, ("gold_nll",)),
+)
+
+
+class ObjectiveValue(NamedTuple):
+    """The objective on a batch, before normalisation."""
+
+    per_position: torch.Tensor  # (N,) Σ of coefficient × value of the per-position terms
+    per_gold_token: torch.Tensor | None  # (M,) the same for the gold-SFT term, None when it is off
+    entropy: torch.Tensor  # (N,) the student's entropy at the loss positions (detached)
+    metrics: Metrics
+
+
+@dataclass(frozen=True)
+class Objective:
+    """The loss of one training step: a divergence and the active terms with their coefficients."""
+
+    divergence: Divergence
+    terms: tuple[tuple[Term, float], ...]
+    eopd_entropy_threshold: float
+
+    @classmethod
+    def from_args(cls, args: OPDConfig) -> Objective:
+        """The objective `args` describes now (read at every step: callbacks may have changed a knob)."""
+        divergence = Divergence(
+            kl_direction=args.kl_direction,
+            forward_kl_weight=args.forward_kl_weight,
+            beta=args.beta,
+            loss_support=args.loss_support,
+            loss_top_k=args.loss_top_k,
+            loss_add_tail=args.loss_add_tail,
+        )
+        weights = {term: 1.0 if term.coefficient is None else getattr(args, term.coefficient) for term in TERMS}
+        terms = tuple((term, weight) for term, weight in weights.items() if weight > 0)
+        return cls(divergence, terms, args.eopd_entropy_threshold)
+
+    def uses(self, name: str) -> bool:
+        """Whether the term called `name` is active."""
+        return any(term.name == name for term, _ in self.terms)
+
+    @property
+    def metric_names(self) -> list[str]:
+        """The `opd/` metrics the active terms report: a function of the config, identical on every rank."""
+        return [f"opd/{metric}" for term, _ in self.terms for metric in term.metrics]
+
+    def evaluate(self, batch: LossBatch) -> ObjectiveValue:
+        """Every active term on `batch`, inside one gather of all the output heads they read (ZeRO-3)."""
+        per_position, per_gold_token, entropy, metrics = None, None, None, {}
+        with maybe_gather_lm_head_ctx(*batch.head_parameters()):
+            for term, weight in self.terms:
+                value = term.fast(batch, self)
+                metrics.update(value.metrics)
+                entropy = value.entropy if value.entropy is not None else entropy
+                weighted = value.values if weight == 1.0 else weight * value.values
+                if term.over == "positions":
+                    per_position = weighted if per_position is None else per_position + weighted
+                else:
+                    per_gold_token = weighted
+        return ObjectiveValue(per_position, per_gold_token, entropy.detach(), metrics)

@@ -1,0 +1,39 @@
+"""The teacher seam: what the loss asks a teacher, and the local implementation of the answer.
+
+The objective needs one thing from a teacher: its next-token distribution at the loss positions of a batch. A
+`Teacher` answers `at_positions(inputs, mask, temperature)` with `chunked.Positions`; the objective never sees where
+the answer came from. `LocalTeacher` is a model held beside the student (prepared by TRL for DDP, DeepSpeed or FSDP):
+its last hidden states at those positions and its output head, from which the loss projects logits chunk by chunk.
+A teacher served elsewhere, cached in the dataset or chosen per row plugs in here, without touching the objective.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+import torch
+
+from .chunked import OutputHead, Positions
+from .hidden_states import HiddenStates
+
+
+class Teacher(Protocol):
+    """Anything that tells the loss what the teacher predicts at the loss positions of a batch."""
+
+    def at_positions(self, inputs: dict[str, Any], mask: torch.Tensor, temperature: float) -> Positions:
+        """The teacher at the completion positions where `mask` (B, T) is True, at softmax `temperature`."""
+        ...
+
+
+class LocalTeacher:
+    """A teacher model in this process: `model` as prepared by TRL (`DistillationTrainer.teacher_model`)."""
+
+    def __init__(self, model: torch.nn.Module, unwrap: Any, hidden_states: HiddenStates) -> None:
+        self.model = model
+        self._unwrap = unwrap
+        self._hidden_states = hidden_states
+
+    def at_positions(self, inputs: dict[str, Any], mask: torch.Tensor, temperature: float) -> Positions:
+        unwrapped = self._unwrap(self.model)
+        hidden = self._hidden_states.frozen(self.model, unwrapped, inputs)
+        return Positions(hidden.to(mask.device)[mask], OutputHead.from_model(unwrapped, temperature))

@@ -1,0 +1,105 @@
+"""Fail-fast checks on what `OPDTrainer` is given, each error naming the fix."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from datasets import Dataset, IterableDataset
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from .config import TOPK_SUPPORTS, OPDConfig
+
+
+def vocab_size(model: PreTrainedModel) -> int:
+    """The number of rows of the model's output head (its text config's `vocab_size`)."""
+    return model.config.get_text_config().vocab_size
+
+
+def validate_prompt_dataset(dataset: Dataset | IterableDataset | None, name: str, needs_completion: bool) -> None:
+    """Fail fast on a dataset the trainer cannot use, with the fix in the message.
+
+    A streamed dataset whose columns are unknown until read (`column_names` None) is accepted, as TRL accepts it; a
+    missing `completion` then fails at the first batch that needs it.
+    """
+    if dataset is None:
+        return
+    if isinstance(dataset, dict):
+        for key, split in dataset.items():
+            validate_prompt_dataset(split, f"{name}[{key!r}]", needs_completion)
+        return
+    columns = dataset.column_names
+    if columns is None:
+        return
+    if "prompt" not in columns:
+        raise ValueError(
+            f"`{name}` has no `prompt` column (columns: {columns}). Rename the column holding the prompts, e.g. "
+            f"`{name} = {name}.rename_column('question', 'prompt')`."
+        )
+    if needs_completion and "completion" not in columns:
+        raise ValueError(
+            f"`prefix_source` uses dataset completions, but `{name}` has no `completion` column (columns: "
+            f"{columns}). Add one (gold solutions, as in TRL's prompt-completion format), or use "
+            "`prefix_source='student'`/'teacher' (or `off_policy_source='teacher'` under 'mixed')."
+        )
+    if not isinstance(dataset, Dataset):
+        return
+    if len(dataset) == 0:
+        raise ValueError(f"`{name}` is empty: give it at least one row with a `prompt`.")
+    if any(not prompt for prompt in dataset["prompt"]):
+        raise ValueError(f"`{name}` has empty prompts; drop them, e.g. `{name}.filter(lambda row: row['prompt'])`.")
+
+
+def validate_inputs(
+    args: OPDConfig,
+    model: Any,
+    teacher_model: Any,
+    train_dataset: Any,
+    eval_dataset: Any,
+    tools: list | None,
+) -> None:
+    """What can be checked before TRL loads anything: the teacher, the datasets' columns, tools, vocabularies."""
+    if teacher_model is None:
+        raise ValueError("OPDTrainer needs a `teacher_model` (a model id/path or an instantiated model).")
+    uses_dataset = args.uses_dataset_prefixes
+    needs_completion = uses_dataset or args.gold_sft_weight > 0
+    validate_prompt_dataset(train_dataset, "train_dataset", needs_completion=needs_completion)
+    validate_prompt_dataset(eval_dataset, "eval_dataset", needs_completion=needs_completion)
+    if tools and uses_dataset:
+        raise ValueError(
+            "Tool calling needs generated completions; with tools use `prefix_source` 'student'/'teacher'."
+        )
+    if isinstance(model, PreTrainedModel) and isinstance(teacher_model, PreTrainedModel):
+        check_vocabularies(model, teacher_model)
+
+
+def check_vocabularies(student: PreTrainedModel, teacher: PreTrainedModel) -> None:
+    """Student and teacher must share one vocabulary: token-level divergences compare distributions over it."""
+    student_vocab, teacher_vocab = vocab_size(student), vocab_size(teacher)
+    if student_vocab != teacher_vocab:
+        raise ValueError(
+            f"The student's vocabulary has {student_vocab} entries but the teacher's has {teacher_vocab}. "
+            "Token-level distillation compares next-token distributions over one vocabulary: use a teacher from "
+            "the student's model family (same tokenizer), or resize one embedding to match if the extra rows are "
+            "unused padding."
+        )
+
+
+def validate_prepared(args: OPDConfig, tokenizer: PreTrainedTokenizerBase, vocabulary: int) -> None:
+    """What needs the loaded student: the tokenizer must address only rows both models have, special tokens
+    included, and top-k supports need k ≤ V."""
+    outside = {
+        token: index
+        for token, index in zip(tokenizer.all_special_tokens, tokenizer.all_special_ids)
+        if index is None or index >= vocabulary
+    }
+    if len(tokenizer) > vocabulary or outside:
+        raise ValueError(
+            f"The tokenizer ({len(tokenizer)} tokens; special tokens beyond the vocabulary: {outside or 'none'}) "
+            f"does not fit the models' vocabulary of {vocabulary}. Use the student's own tokenizer, or call "
+            "`resize_token_embeddings(len(tokenizer))` on both models after adding tokens."
+        )
+    if args.loss_support in TOPK_SUPPORTS and args.loss_top_k > vocabulary:
+        raise ValueError(
+            f"`loss_top_k={args.loss_top_k}` exceeds the vocabulary size ({vocabulary}). Lower `loss_top_k` "
+            "(Li et al. find k between 4 and 64 equivalent)."
+        )
