@@ -55,8 +55,8 @@ CALCULATOR_ANNOTATION = re.compile(r"<<[^>]*>>")  # GSM8K's "<<48/2=24>>" calcul
 
 # Defaults per preset, applied to the parser before the command line (which still overrides every one of them).
 PRESETS: dict[str, dict[str, Any]] = {
-    # Tuned on 2 CPU cores: a forward-heavy KL mix on student prefixes (docs/concepts.md, KL mixing) with the learning rate decayed
-    # to zero over 300 steps of 32 problems (~3 minutes) closes ~80% of the gap; reverse KL alone closes ~40%.
+    # Tuned on 2 CPU cores: a forward-heavy KL mix on student prefixes (docs/concepts.md) with the learning rate
+    # decayed to zero over 300 steps of 32 problems (~3 minutes) closes ~80% of the gap; reverse KL alone closes ~40%.
     "toy": dict(
         output_dir="outputs/opd_math_toy",
         prefix_source="student",
@@ -219,18 +219,32 @@ def load_data(script_args: ScriptArguments, seed: int) -> tuple[Dataset, Dataset
 
 
 def sharded(
-    trainer: OPDTrainer, models: list[Any], dataset: Dataset, metric: Callable[..., dict[str, float]], weight: str
+    trainer: OPDTrainer,
+    models: list[Any],
+    dataset: Dataset,
+    metric: Callable[..., dict[str, float]],
+    weight: str,
+    batch_size: int,
 ) -> dict[str, float]:
-    """`metric(*models, shard)` on each process's share of `dataset`, merged as means weighted by `metrics[weight]`."""
+    """`metric(*models, shard)` on each process's share of `dataset`, merged as means weighted by `metrics[weight]`.
+
+    Under ZeRO-3 and FSDP every forward and `generate` call gathers parameters collectively, so every process must
+    make as many calls: a process with fewer batches (uneven shards, or none) runs the metric on as many extra
+    batches of the first problem and discards the result.
+    """
     state = PartialState()
     with state.split_between_processes(list(range(len(dataset)))) as indices:
         shard = dataset.select(indices)
+    batches = -(-len(shard) // batch_size)
+    missing = max(gather_object([batches])) - batches
     metrics = {weight: 0}
     # Entered on every process: under ZeRO-3 gathering the weights for generation is collective.
     with contextlib.ExitStack() as stack:
         unwrapped = [stack.enter_context(unwrap_model_for_generation(model, trainer.accelerator)) for model in models]
         if len(shard) > 0:
             metrics = metric(*unwrapped, shard)
+        if missing > 0:
+            metric(*unwrapped, dataset.select([0] * (missing * batch_size)))
     parts = [part for part in gather_object([metrics]) if part[weight] > 0]
     total = sum(part[weight] for part in parts)
     merged = {key: sum(part[key] * part[weight] for part in parts) / total for key in parts[0]}
@@ -253,7 +267,8 @@ def evaluate_accuracy(model: Any, trainer: OPDTrainer, dataset: Dataset, script_
             progress=PartialState().is_local_main_process,
         )
 
-    return {**sharded(trainer, [model], dataset, metric, "n_problems"), "k": script_args.eval_k}
+    batch_size = script_args.eval_batch_size
+    return {**sharded(trainer, [model], dataset, metric, "n_problems", batch_size), "k": script_args.eval_k}
 
 
 def evaluate_divergence(trainer: OPDTrainer, dataset: Dataset, script_args: ScriptArguments) -> dict[str, float]:
@@ -272,7 +287,8 @@ def evaluate_divergence(trainer: OPDTrainer, dataset: Dataset, script_args: Scri
             progress=PartialState().is_local_main_process,
         )
 
-    return sharded(trainer, [trainer.model_wrapped, trainer.teacher_model], dataset, metric, "n_tokens")
+    models = [trainer.model_wrapped, trainer.teacher_model]
+    return sharded(trainer, models, dataset, metric, "n_tokens", script_args.eval_kl_batch_size)
 
 
 def print_report(report: dict[str, Any]) -> None:

@@ -13,8 +13,8 @@ from transformers import TrainerControl, TrainerState
 from trl_opd import EffOPDCallback, EntropyGatedLengthCurriculum, OPDCallback, OPDTrainer, ScheduleCallback
 from trl_opd.callbacks.effopd import ANCHOR_FILE
 from trl_opd.callbacks.heldout import sampled_entropy
-from trl_opd.rollouts import tokenize_prompts
 from trl_opd.callbacks.schedule import schedule_value
+from trl_opd.rollouts import tokenize_prompts
 from trl_opd.toy import build_model
 
 

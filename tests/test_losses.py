@@ -238,7 +238,7 @@ def test_sampled_token_value_is_the_log_ratio():
 
 @pytest.mark.parametrize("direction", ["reverse", "forward"])
 def test_sampled_token_gradient_is_exact_kl_gradient_in_expectation(direction):
-    """Σ_y P(y) ∇ surrogate(y) over every token y of a tiny vocabulary equals ∇ of the full KL (docs/concepts.md, sampled-token estimator)."""
+    """Σ_y P(y) ∇ surrogate(y) over every token y of a tiny vocabulary equals ∇ of the full KL (docs/concepts.md)."""
     student, teacher = (x[0, 0] for x in logits_pair(shape=(1, 1, 7), seed=3))
     student.requires_grad_(True)
     vocab = torch.arange(7)

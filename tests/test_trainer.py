@@ -357,3 +357,24 @@ def test_args_must_be_an_opd_config(student, teacher, tokenizer, tmp_path):
         )
     with pytest.raises(ValueError, match="teacher_model"):
         OPDTrainer(student, None, make_config(tmp_path), make_dataset(), processing_class=tokenizer)
+
+
+def test_unbounded_completion_length_trains(student, teacher, tokenizer, tmp_path):
+    """`max_completion_length=None` (generation stops at EOS or the model's own limit) is accepted and trains."""
+    student.generation_config.max_length = 40
+    trainer = build(student, teacher, tokenizer, tmp_path, max_steps=1, max_completion_length=None)
+    trainer.train()
+    rates = [entry["opd/truncation_rate"] for entry in trainer.state.log_history if "opd/truncation_rate" in entry]
+    assert rates and 0.0 <= rates[0] <= 1.0
+
+
+def test_streamed_dataset_without_known_columns_is_accepted(student, teacher, tokenizer, tmp_path):
+    """A generator-backed `IterableDataset` has `column_names` None until read; TRL accepts it and so does OPD."""
+    from datasets import IterableDataset
+
+    rows = make_dataset(8).to_list()
+    streamed = IterableDataset.from_generator(lambda: iter(rows))
+    assert streamed.column_names is None
+    trainer = build(student, teacher, tokenizer, tmp_path, dataset=streamed, max_steps=1, prefix_source="dataset")
+    trainer.train()
+    assert trainer.state.global_step == 1
