@@ -24,6 +24,8 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
+from torch.distributed.tensor import DTensor
+from torch.distributed.tensor.placement_types import Partial
 from torch.utils.checkpoint import checkpoint
 from trl.kernels.chunked_divergence import ChunkedDivergenceFunction
 from trl.kernels.chunked_logprob import ChunkedLogProbFunction
@@ -58,9 +60,8 @@ class OutputHead:
         head = model.get_output_embeddings()
         config = model.config.get_text_config()
         weight, bias = head.weight, head.bias
-        if isinstance(weight, torch.distributed.tensor.DTensor):  # FSDP2: gather the sharded head once
-            weight = weight.full_tensor()
-            bias = bias.full_tensor() if bias is not None else None
+        if isinstance(weight, DTensor):  # FSDP2: gather the sharded head once
+            weight, bias = _full(weight), _full(bias)
         return cls(weight, bias, _logit_scale(config), getattr(config, "final_logit_softcapping", None), temperature)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -93,6 +94,18 @@ class Positions:
 
     hidden: torch.Tensor
     head: OutputHead
+
+
+def _full(parameter: torch.Tensor | None) -> torch.Tensor | None:
+    """The whole of an FSDP2-sharded parameter, whose gradient is averaged back onto the shards across ranks.
+
+    `full_tensor()` alone would hand each shard only its own rank's gradient (a replicate placement's backward is a
+    local slice), so every rank would update its shard of the head from its own batch only. Averaging matches the
+    reduction FSDP applies to every other parameter.
+    """
+    if parameter is None:
+        return None
+    return parameter.full_tensor(grad_placements=[Partial("avg")] * parameter.device_mesh.ndim)
 
 
 def _logit_scale(config) -> float:
