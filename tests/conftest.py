@@ -63,8 +63,9 @@ def dataset():
     return make_dataset()
 
 
-def make_config(tmp_path, **overrides) -> OPDConfig:
-    """A small, fast, float32, offline config; `overrides` win."""
+def make_config(tmp_path, config_class: type = OPDConfig, **overrides) -> OPDConfig:
+    """A small, fast, float32, offline config (an `OPDConfig` unless `config_class` says otherwise); `overrides`
+    win."""
     settings = dict(
         output_dir=str(tmp_path),
         max_steps=3,
@@ -80,7 +81,7 @@ def make_config(tmp_path, **overrides) -> OPDConfig:
         seed=0,
     )
     settings.update(overrides)
-    return OPDConfig(**settings)
+    return config_class(**settings)
 
 
 def load_example(monkeypatch: pytest.MonkeyPatch):

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_dataset
+from conftest import make_config, make_dataset
 from transformers import GenerationConfig, Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 from transformers.trainer_callback import ExportableState
 from trl import DistillationConfig, DistillationTrainer
@@ -132,20 +132,12 @@ def self_attributes(function, context: type[ast.expr_context]) -> set[str]:
 
 def make_args(output_dir, **overrides) -> DistillationConfig:
     settings = dict(
-        output_dir=str(output_dir),
         max_steps=1,
         per_device_train_batch_size=PER_DEVICE_BATCH,
         gradient_accumulation_steps=ACCUMULATION,
         max_completion_length=MAX_COMPLETION,
-        bf16=False,
-        report_to=[],
-        logging_steps=1,
-        save_strategy="no",
-        disable_tqdm=True,
-        seed=0,
     )
-    settings.update(overrides)
-    return DistillationConfig(**settings)
+    return make_config(output_dir, DistillationConfig, **{**settings, **overrides})
 
 
 def make_models(tokenizer):

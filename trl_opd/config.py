@@ -161,8 +161,9 @@ class OPDConfig(DistillationConfig):
     nonfinite_policy: str = field(
         default="stop",
         metadata={
-            "help": "What to do when the teacher's or student's logits, or the loss, are NaN/inf: 'stop' raises "
-            "with the step and batch index; 'skip' logs a warning and contributes zero loss for that micro-batch.",
+            "help": "What to do when the teacher's or student's hidden states, or the loss, are NaN/inf on any rank "
+            "(decided collectively): 'stop' raises on every rank, naming the step, micro-batch and ranks; 'skip' warns "
+            "and every rank takes a zero loss for that micro-batch.",
             "choices": list(NONFINITE_POLICIES),
         },
     )
