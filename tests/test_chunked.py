@@ -123,3 +123,53 @@ def test_no_loss_positions_gives_a_differentiable_zero():
     assert got.shape == (0,) and entropy.shape == (0,)
     got.sum().backward()
     assert student_hidden.grad is not None
+
+
+def topk_of(teacher_hidden, teacher, tokens, k):
+    """What a served or cached teacher returns: its top-k (ids, log-probs) and the prefix token's log-prob."""
+    log_probs = torch.log_softmax(explicit_logits(teacher_hidden, teacher) / teacher.temperature, dim=-1)
+    top = log_probs.topk(k, dim=-1)
+    return top.indices, top.values, log_probs.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+
+
+@pytest.mark.parametrize("direction,tail", [*itertools.product(DIRECTIONS, [False, True])])
+def test_teacher_topk_from_log_probs_equals_the_local_teacher(direction, tail):
+    student_hidden, teacher_hidden, student, teacher, tokens = heads(bias=True, scale=1.0, softcap=None, seed=4)
+    divergence = Divergence(direction, 0.7, 0.3, "teacher_topk", 6, tail)
+    local, local_entropy = divergence_from_hidden(student_hidden, teacher_hidden, student, teacher, divergence, tokens)
+    ids, log_probs, token_lp = topk_of(teacher_hidden, teacher, tokens, 6)
+    served, entropy = chunked.divergence_from_teacher_topk(
+        student_hidden, student, ids, log_probs, token_lp, divergence, tokens
+    )
+    params = [student_hidden, student.weight, student.bias]
+    torch.testing.assert_close(served, local, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(entropy, local_entropy, rtol=1e-5, atol=1e-5)
+    for a, b in zip(torch.autograd.grad(served.sum(), params), torch.autograd.grad(local.sum(), params)):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("direction", ["forward", "reverse"])
+def test_sampled_token_from_log_probs_equals_the_local_teacher(direction):
+    student_hidden, teacher_hidden, student, teacher, tokens = heads(bias=False, scale=1.0, softcap=None, seed=5)
+    divergence = Divergence(direction, loss_support="sampled_token")
+    local, _ = divergence_from_hidden(student_hidden, teacher_hidden, student, teacher, divergence, tokens)
+    served, _ = chunked.divergence_from_teacher_topk(
+        student_hidden, student, *topk_of(teacher_hidden, teacher, tokens, 3), divergence, tokens
+    )
+    torch.testing.assert_close(served, local, rtol=1e-5, atol=1e-5)
+    (a,) = torch.autograd.grad(served.sum(), student_hidden)
+    (b,) = torch.autograd.grad(local.sum(), student_hidden)
+    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("support", ["full", "student_topk", "union_topk"])
+def test_a_top_k_teacher_refuses_supports_that_need_its_whole_distribution(support):
+    student_hidden, teacher_hidden, student, teacher, tokens = heads(bias=False, scale=1.0, softcap=None)
+    with pytest.raises(ValueError, match="teacher_topk.*sampled_token"):
+        chunked.divergence_from_teacher_topk(
+            student_hidden,
+            student,
+            *topk_of(teacher_hidden, teacher, tokens, 3),
+            Divergence(loss_support=support),
+            tokens,
+        )

@@ -322,6 +322,62 @@ def gold_nll(hidden: torch.Tensor, head: OutputHead, gold_ids: torch.Tensor) -> 
     return -token_log_probs(hidden, head, gold_ids)
 
 
+TEACHER_TOPK_SUPPORTS = ("teacher_topk", "sampled_token")  # what a teacher known only by its top-k allows
+
+
+def divergence_from_teacher_topk(
+    student_hidden: torch.Tensor,
+    student_head: OutputHead,
+    teacher_ids: torch.Tensor,
+    teacher_log_probs: torch.Tensor,
+    teacher_token_log_probs: torch.Tensor,
+    divergence: Divergence,
+    token_ids: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The divergence against a teacher known only by its top-k (served or cached); (divergence (N,), entropy (N,)).
+
+    `teacher_ids`/`teacher_log_probs` (N, k) are its top-k tokens and their log-probabilities under its full
+    softmax (−inf padding), `teacher_token_log_probs` (N,) its log-probability of each prefix token. This equals
+    `divergence_from_hidden` with the same teacher held locally: on the teacher's top-k support, log_softmax of the
+    log-probabilities is log_softmax of the logits (a constant shift), and the tail bucket's teacher mass
+    log(1 − Σ_S p_T) is what the local path computes from the logits outside S. The sampled-token estimator needs
+    only log p_T(y).
+    """
+    if divergence.loss_support not in TEACHER_TOPK_SUPPORTS:
+        raise ValueError(
+            f"A teacher known only by its top-k (served or cached) supports `loss_support` in "
+            f"{list(TEACHER_TOPK_SUPPORTS)}, not {divergence.loss_support!r}."
+        )
+    if student_hidden.shape[0] == 0:  # nothing to train on in this micro-batch: a zero still tied to the graph
+        empty = student_hidden.sum(-1) * 0.0
+        return empty, empty.detach()
+    with maybe_gather_lm_head_ctx(student_head.weight, student_head.bias):
+        if divergence.loss_support == "sampled_token":
+            student_lp, entropy = token_log_probs(student_hidden, student_head, token_ids, with_entropy=True)
+            value = sampled_token_divergence(
+                student_lp, teacher_token_log_probs.to(student_lp.dtype), divergence.kl_direction
+            )
+            return value, entropy.detach()
+        index = teacher_ids[:, : divergence.loss_top_k]
+        teacher_lp = teacher_log_probs[:, : divergence.loss_top_k].float()
+        valid = teacher_lp > float("-inf")
+        teacher_outside = None
+        if divergence.loss_add_tail:  # log(1 − Σ_S p_T), from the log of the support's mass
+            inside = torch.logsumexp(teacher_lp, dim=-1).clamp(max=0.0)
+            teacher_outside = torch.log(-torch.expm1(inside))
+        student_support, student_outside = _student_support(
+            student_hidden, student_head, index, divergence.loss_add_tail
+        )
+        with torch.no_grad():
+            _, entropy = token_log_probs(student_hidden, student_head, token_ids, with_entropy=True)
+        value = token_divergence(
+            support_log_probs(student_support, valid, student_outside),
+            support_log_probs(teacher_lp, valid, teacher_outside),
+            divergence,
+        )
+        return value, entropy
+
+
 def divergence_from_hidden(
     student_hidden: torch.Tensor,
     teacher_hidden: torch.Tensor,

@@ -162,8 +162,8 @@ class OPDConfig(DistillationConfig):
         default="stop",
         metadata={
             "help": "What to do when the teacher's or student's hidden states, or the loss, are NaN/inf on any rank "
-            "(decided collectively): 'stop' raises on every rank, naming the step, micro-batch and ranks; 'skip' warns "
-            "and every rank takes a zero loss for that micro-batch.",
+            "(decided collectively): 'stop' raises on every rank, naming the step, micro-batch and ranks; 'skip' "
+            "warns and every rank takes a zero loss for that micro-batch.",
             "choices": list(NONFINITE_POLICIES),
         },
     )

@@ -26,6 +26,7 @@ from . import chunked, losses
 from .chunked import Positions
 from .config import OPDConfig
 from .losses import Divergence
+from .teachers import TeacherTopK
 
 Metrics = dict[str, tuple[torch.Tensor, int]]  # opd/<name> → (sum over items, number of items)
 
@@ -35,7 +36,7 @@ class LossBatch:
     """What the objective reads for one micro-batch: each model's distributions at the positions its terms need."""
 
     student: Positions  # q_θ at the N loss positions, hidden states with gradient
-    teacher: Positions  # p_T at the same positions
+    teacher: Positions | TeacherTopK  # p_T at the same positions (a served or cached teacher: its top-k only)
     token_ids: torch.Tensor  # (N,) the prefix tokens there
     reference: Positions | None = None  # q_ref at the same positions, for the reference-KL term
     gold: Positions | None = None  # q_θ at the M gold-completion tokens, for the gold-SFT term
@@ -43,11 +44,12 @@ class LossBatch:
 
     def _hidden(self) -> dict[str, torch.Tensor]:
         named = {"student": self.student, "teacher": self.teacher, "reference": self.reference, "gold": self.gold}
-        return {name: positions.hidden for name, positions in named.items() if positions is not None}
+        return {name: value.hidden for name, value in named.items() if isinstance(value, Positions)}
 
     def nonfinite(self) -> list[str]:
-        """Which models' hidden states hold NaN/inf."""
-        return [name for name, hidden in self._hidden().items() if not bool(torch.isfinite(hidden).all())]
+        """Which models' hidden states (or a top-k teacher's log-probabilities) hold NaN/inf."""
+        bad = [name for name, hidden in self._hidden().items() if not bool(torch.isfinite(hidden).all())]
+        return ["teacher", *bad] if isinstance(self.teacher, TeacherTopK) and self.teacher.nonfinite() else bad
 
     def sanitized(self) -> LossBatch:
         """The same batch with every non-finite hidden-state entry set to 0 (its gradient path kept)."""
@@ -67,7 +69,11 @@ class LossBatch:
 
     def head_parameters(self) -> list[torch.Tensor]:
         """Every output-head weight and bias the terms read (gathered together under ZeRO-3)."""
-        heads = [self.student.head, self.teacher.head] + ([self.reference.head] if self.reference else [])
+        heads = [
+            positions.head
+            for positions in (self.student, self.teacher, self.reference)
+            if isinstance(positions, Positions)
+        ]
         return [tensor for head in heads for tensor in (head.weight, head.bias) if tensor is not None]
 
 
@@ -93,6 +99,17 @@ class Term:
 
 def _divergence(batch: LossBatch, objective: Objective) -> TermValue:
     student, teacher = batch.student, batch.teacher
+    if isinstance(teacher, TeacherTopK):
+        values, entropy = chunked.divergence_from_teacher_topk(
+            student.hidden,
+            student.head,
+            teacher.ids,
+            teacher.log_probs,
+            teacher.token_log_probs,
+            objective.divergence,
+            batch.token_ids,
+        )
+        return TermValue(values, {}, entropy)
     values, entropy = chunked.divergence_from_hidden(
         student.hidden, teacher.hidden, student.head, teacher.head, objective.divergence, batch.token_ids
     )

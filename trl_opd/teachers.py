@@ -9,12 +9,32 @@ A teacher served elsewhere, cached in the dataset or chosen per row plugs in her
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
 
 from .chunked import OutputHead, Positions
 from .hidden_states import HiddenStates
+
+
+@dataclass(frozen=True)
+class TeacherTopK:
+    """The teacher at N positions given only by its top-k, as a served or cached teacher returns it.
+
+    `ids` (N, k) and `log_probs` (N, k): the k most likely tokens and their log-probabilities under the teacher's
+    full softmax at its temperature, sorted by descending probability and padded with −inf; `token_log_probs` (N,):
+    the log-probability of the prefix token at each position (−inf where unknown).
+    """
+
+    ids: torch.Tensor
+    log_probs: torch.Tensor
+    token_log_probs: torch.Tensor
+
+    def nonfinite(self) -> bool:
+        """NaN or +inf anywhere (−inf is padding, not an error)."""
+        values = torch.cat([self.log_probs.flatten(), self.token_log_probs.flatten()])
+        return bool(torch.isnan(values).any() or torch.isposinf(values).any())
 
 
 class Teacher(Protocol):
