@@ -42,7 +42,8 @@ def _measure(
 ) -> None:
     from trl.trainer.distillation_trainer import _chunked_divergence_loss
 
-    from trl_opd.chunked import OutputHead, divergence_from_hidden
+    from trl_opd.chunked import divergence_from_hidden
+    from trl_opd.heads import OutputHead
     from trl_opd.losses import Divergence
 
     torch.manual_seed(0)

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from trl_opd import chunked
-from trl_opd.chunked import OutputHead, divergence_from_hidden
+from trl_opd.chunked import divergence_from_hidden
+from trl_opd.heads import OutputHead
 from trl_opd.losses import Divergence, per_token_divergence
 
 SUPPORTS = ("full", "teacher_topk", "student_topk", "union_topk")

@@ -9,7 +9,7 @@ from conftest import make_config
 from torch.distributions import Categorical
 
 from trl_opd import losses
-from trl_opd.chunked import OutputHead, Positions
+from trl_opd.heads import OutputHead, Positions
 from trl_opd.objective import TERMS, LossBatch, Objective
 
 VOCAB, N, M = 61, 23, 9

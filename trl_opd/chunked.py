@@ -13,6 +13,7 @@ loss positions and their output heads, and returns the per-position divergence (
   full normaliser: that chunk is projected over the whole vocabulary inside the checkpoint, so backward
   recomputes it instead of storing it.
 - "sampled_token": TRL's `ChunkedLogProbFunction` for log q_θ(y) (with gradient) and log p_T(y) (without).
+- a teacher known only by its top-k (served or cached): `divergence_from_teacher_topk`, the same student side.
 
 Materialised at once: (N, k) or (N, 2k) support tensors, and one (C, V) or (C, k, H) tile per token chunk of C
 positions (≈ 2^24 floats), never (N, V).
@@ -20,17 +21,15 @@ positions (≈ 2^24 floats), never (N, V).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
-from torch.distributed.tensor import DTensor
-from torch.distributed.tensor.placement_types import Partial
 from torch.utils.checkpoint import checkpoint
 from trl.kernels.chunked_divergence import ChunkedDivergenceFunction
 from trl.kernels.chunked_logprob import ChunkedLogProbFunction
 from trl.trainer.utils import maybe_gather_lm_head_ctx
 
+from .heads import OutputHead
 from .losses import (
     Divergence,
     outside_log_mass,
@@ -42,82 +41,6 @@ from .losses import (
 
 LOGPROB_VOCAB_CHUNK = 32768  # vocabulary tile of TRL's chunked log-prob kernel (TRL's own default)
 TILE_ELEMENTS = 2**24  # a (C, V) fp32 tile of 64 MiB
-
-
-@dataclass(frozen=True)
-class OutputHead:
-    """An `lm_head` and the logit transform before the softmax: softcap(scale·(W h + b)) / temperature."""
-
-    weight: torch.Tensor
-    bias: torch.Tensor | None = None
-    logit_scale: float = 1.0
-    softcap: float | None = None
-    temperature: float = 1.0
-
-    @classmethod
-    def from_model(cls, model: torch.nn.Module, temperature: float) -> OutputHead:
-        """Read the head and the logit post-processing a causal LM applies (scale, Gemma-style softcapping)."""
-        head = model.get_output_embeddings()
-        config = model.config.get_text_config()
-        weight, bias = head.weight, head.bias
-        if isinstance(weight, DTensor):  # FSDP2: gather the sharded head once
-            weight, bias = _full(weight), _full(bias)
-        return cls(weight, bias, _logit_scale(config), getattr(config, "final_logit_softcapping", None), temperature)
-
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """fp32 transformed logits of `hidden` (n, H) over the whole vocabulary: (n, V)."""
-        with maybe_gather_lm_head_ctx(self.weight, self.bias):
-            z = hidden.float() @ self.weight.float().t()
-            return self._transform(z if self.bias is None else z + self.bias.float())
-
-    def logits_at(self, hidden: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-        """fp32 transformed logits of `hidden` (n, H) at the vocabulary ids `index` (n, K) only: (n, K).
-
-        Gathers the K head rows each position needs and takes K dot products: n·K·H work instead of n·V·H.
-        """
-        with maybe_gather_lm_head_ctx(self.weight, self.bias):
-            rows = self.weight[index].float()  # (n, K, H)
-            z = torch.bmm(rows, hidden.float().unsqueeze(-1)).squeeze(-1)
-            return self._transform(z if self.bias is None else z + self.bias[index].float())
-
-    def _transform(self, z: torch.Tensor) -> torch.Tensor:
-        z = z * self.logit_scale
-        if self.softcap is not None:
-            z = self.softcap * torch.tanh(z / self.softcap)
-        return z / self.temperature
-
-
-@dataclass(frozen=True)
-class Positions:
-    """A model's next-token distributions at N positions, softmax(`head`(`hidden`)), kept as hidden states (N, H)
-    and the head so that the loss projects them chunk by chunk."""
-
-    hidden: torch.Tensor
-    head: OutputHead
-
-
-def _full(parameter: torch.Tensor | None) -> torch.Tensor | None:
-    """The whole of an FSDP2-sharded parameter, whose gradient is averaged back onto the shards across ranks.
-
-    `full_tensor()` alone would hand each shard only its own rank's gradient (a replicate placement's backward is a
-    local slice), so every rank would update its shard of the head from its own batch only. Averaging matches the
-    reduction FSDP applies to every other parameter.
-    """
-    if parameter is None:
-        return None
-    return parameter.full_tensor(grad_placements=[Partial("avg")] * parameter.device_mesh.ndim)
-
-
-def _logit_scale(config) -> float:
-    """The multiplier a model applies to its logits (Cohere `logit_scale`, Granite `1/logits_scaling`, ...)."""
-    for name in ("logit_scale", "output_multiplier", "lm_head_multiplier"):
-        value = getattr(config, name, None)
-        if value is not None:
-            return float(value)
-    scaling = getattr(config, "logits_scaling", None)
-    if scaling is not None:
-        return float(scaling) if config.model_type == "hyperclovax" else 1.0 / float(scaling)
-    return 1.0
 
 
 def full_divergence(

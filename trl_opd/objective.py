@@ -23,8 +23,8 @@ import torch
 from trl.trainer.utils import maybe_gather_lm_head_ctx
 
 from . import chunked, losses
-from .chunked import Positions
 from .config import OPDConfig
+from .heads import Positions
 from .losses import Divergence
 from .teachers import TeacherTopK
 

@@ -16,7 +16,7 @@ import torch
 from accelerate.utils import is_peft_model
 from trl.models import prepare_deepspeed
 
-from .chunked import OutputHead, Positions
+from .heads import OutputHead, Positions
 from .hidden_states import HiddenStates
 
 

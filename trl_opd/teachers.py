@@ -14,7 +14,7 @@ from typing import Any, Protocol
 
 import torch
 
-from .chunked import OutputHead, Positions
+from .heads import OutputHead, Positions
 from .hidden_states import HiddenStates
 
 

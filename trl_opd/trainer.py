@@ -28,8 +28,8 @@ from trl.trainer.utils import maybe_gather_lm_head_ctx
 
 from .callbacks import OPDCallback
 from .checkpoints import resolve_resume_checkpoint
-from .chunked import OutputHead, Positions
 from .config import OPDConfig
+from .heads import OutputHead, Positions
 from .hidden_states import HiddenStates
 from .objective import LossBatch, Objective
 from .prefixes import PrefixWriter, dataset_completions, draw_prefix_source, padded_completions
