@@ -80,7 +80,8 @@ USED_IN = {
     ),
     "trl.trainer.utils.pad": "trl_opd/prefixes.py (padded_completions)",
     "trl.trainer.utils.maybe_gather_lm_head_ctx": (
-        "trl_opd/heads.py (OutputHead.logits/logits_at), trl_opd/chunked.py (token_log_probs, divergence_from_hidden), "
+        "trl_opd/heads.py (OutputHead.logits/logits_at), trl_opd/chunked.py (token_log_probs, "
+        "divergence_from_hidden), "
         "trl_opd/objective.py (Objective.evaluate), trl_opd/trainer.py (OPDTrainer._skipped)"
     ),
     "trl.trainer.utils.RepeatSampler": "trl_opd/train_sampler.py (EpochSeededRepeatSampler)",
