@@ -168,6 +168,21 @@ class OPDConfig(DistillationConfig):
         },
     )
 
+    teacher_request_timeout: float = field(
+        default=60.0,
+        metadata={
+            "help": "Served teacher (`teacher_model` given as an http(s) URL) only: seconds to wait for each scoring "
+            "request before retrying. The API key comes from the environment (`OPD_TEACHER_API_KEY`, else "
+            "`VLLM_API_KEY`), never from the config, so it is not saved in checkpoints or reports."
+        },
+    )
+    teacher_max_retries: int = field(
+        default=3,
+        metadata={
+            "help": "Served teacher only: retries of a request that timed out, could not connect or got a 5xx, with "
+            "exponential backoff; then training stops with an error naming the URL (the last checkpoint resumes)."
+        },
+    )
     diagnostics_top_k: int = field(
         default=16,
         metadata={"help": "k of the top-k overlap diagnostics (`opd/overlap_ratio`, `opd/overlap_mass_*`)."},
@@ -241,7 +256,12 @@ class OPDConfig(DistillationConfig):
         _check_unit_interval("forward_kl_weight", self.forward_kl_weight)
         if isinstance(self.loss_top_k, bool) or not isinstance(self.loss_top_k, int) or self.loss_top_k < 1:
             raise ValueError(f"`loss_top_k` must be an integer >= 1, got {self.loss_top_k!r}.")
-        minimums = {"diagnostics_top_k": 1, "diagnostics_max_positions": 0, "repetition_tail_chars": 1}
+        minimums = {
+            "diagnostics_top_k": 1,
+            "diagnostics_max_positions": 0,
+            "repetition_tail_chars": 1,
+            "teacher_max_retries": 0,
+        }
         for name, minimum in minimums.items():
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < minimum):
@@ -249,6 +269,8 @@ class OPDConfig(DistillationConfig):
         for name in ("ref_kl_coef", "gold_sft_weight", "eopd_coef", "eopd_entropy_threshold"):
             if getattr(self, name) < 0:
                 raise ValueError(f"`{name}` must be >= 0 (0 turns it off), got {getattr(self, name)}.")
+        if self.teacher_request_timeout <= 0:
+            raise ValueError(f"`teacher_request_timeout` must be > 0 seconds, got {self.teacher_request_timeout}.")
         if self.temperature <= 0:
             raise ValueError(f"`temperature` must be > 0, got {self.temperature}.")
         if self.teacher_temperature is not None and self.teacher_temperature <= 0:

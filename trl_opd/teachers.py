@@ -1,10 +1,12 @@
 """The teacher seam: what the loss asks a teacher, and the local implementation of the answer.
 
 The objective needs one thing from a teacher: its next-token distribution at the loss positions of a batch. A
-`Teacher` answers `at_positions(inputs, mask, temperature)` with `chunked.Positions`; the objective never sees where
-the answer came from. `LocalTeacher` is a model held beside the student (prepared by TRL for DDP, DeepSpeed or FSDP):
-its last hidden states at those positions and its output head, from which the loss projects logits chunk by chunk.
-A teacher served elsewhere, cached in the dataset or chosen per row plugs in here, without touching the objective.
+`Teacher` answers `at_positions(inputs, mask, temperature, top_k)` with `heads.Positions` (the full distribution, as
+hidden states and a head) or `TeacherTopK` (only its top-k, as a served teacher returns it); the objective never sees
+where the answer came from. `LocalTeacher` is a model held beside the student (prepared by TRL for DDP, DeepSpeed or
+FSDP): its last hidden states at those positions and its output head, from which the loss projects logits chunk by
+chunk. A teacher served elsewhere (`trl_opd.served_teacher.ServedTeacher`), cached in the dataset or chosen per row
+plugs in here, without touching the objective.
 """
 
 from __future__ import annotations
@@ -40,8 +42,14 @@ class TeacherTopK:
 class Teacher(Protocol):
     """Anything that tells the loss what the teacher predicts at the loss positions of a batch."""
 
-    def at_positions(self, inputs: dict[str, Any], mask: torch.Tensor, temperature: float) -> Positions:
-        """The teacher at the completion positions where `mask` (B, T) is True, at softmax `temperature`."""
+    def at_positions(
+        self, inputs: dict[str, Any], mask: torch.Tensor, temperature: float, top_k: int
+    ) -> Positions | TeacherTopK:
+        """The teacher at the completion positions where `mask` (B, T) is True, at softmax `temperature`.
+
+        A teacher that can only report its top-k (a served one) returns `TeacherTopK` with `top_k` entries per
+        position; a local one returns its whole distribution as `Positions` and ignores `top_k`.
+        """
         ...
 
 
@@ -53,7 +61,8 @@ class LocalTeacher:
         self._unwrap = unwrap
         self._hidden_states = hidden_states
 
-    def at_positions(self, inputs: dict[str, Any], mask: torch.Tensor, temperature: float) -> Positions:
+    def at_positions(self, inputs: dict[str, Any], mask: torch.Tensor, temperature: float, top_k: int) -> Positions:
+        """The teacher's hidden states at `mask` and its head at `temperature` (the whole distribution: no `top_k`)."""
         unwrapped = self._unwrap(self.model)
         hidden = self._hidden_states.frozen(self.model, unwrapped, inputs)
         return Positions(hidden.to(mask.device)[mask], OutputHead.from_model(unwrapped, temperature))

@@ -34,10 +34,11 @@ from .hidden_states import HiddenStates
 from .objective import LossBatch, Objective
 from .prefixes import PrefixWriter, dataset_completions, draw_prefix_source, padded_completions
 from .reference import InitialStudent
+from .served_teacher import ServedTeacher, TeacherServerClient
 from .teachers import LocalTeacher, Teacher
 from .telemetry import MetricBuffer, batch_diagnostics, completion_rates, diagnostic_names, diagnostics_due
 from .train_sampler import EpochSeededRepeatSampler
-from .validation import validate_inputs, validate_prepared, vocab_size
+from .validation import is_served, validate_inputs, validate_prepared, vocab_size
 
 THINK_TAGS = ("<think>", "</think>")
 NONFINITE_SOURCES = ("student", "teacher", "reference", "gold", "loss")  # bit i of a rank's non-finite code
@@ -96,9 +97,10 @@ class OPDTrainer(DistillationTrainer):
                 "`DistillationConfig` field: build it with the same arguments."
             )
         validate_inputs(args, model, teacher_model, train_dataset, eval_dataset, tools)
+        served = is_served(teacher_model)
         super().__init__(
             model=model,
-            teacher_model=teacher_model,
+            teacher_model=None if served else teacher_model,  # a served teacher is scored over HTTP instead
             args=args,
             train_dataset=train_dataset,
             eval_dataset=eval_dataset,
@@ -109,14 +111,25 @@ class OPDTrainer(DistillationTrainer):
             peft_config=peft_config,
             tools=tools,
         )
-        validate_prepared(args, self._tokenizer, vocab_size(self.accelerator.unwrap_model(self.model)))
+        vocabulary = vocab_size(self.accelerator.unwrap_model(self.model))
+        validate_prepared(args, self._tokenizer, vocabulary)
         self.special_token_ids = self._loss_masked_token_ids()
         self.hidden_states = HiddenStates(self._get_last_hidden_state, self._forward_redirection)
-        self.teacher: Teacher = LocalTeacher(self.teacher_model, self.accelerator.unwrap_model, self.hidden_states)
+        self.teacher = self._build_teacher(teacher_model if served else None, vocabulary)
         self.reference = InitialStudent(self, self.hidden_states) if args.ref_kl_coef > 0 else None
         self.prefixes = PrefixWriter(self)
         self.metric_buffer = MetricBuffer()
         self._eval_draws = 0
+
+    def _build_teacher(self, url: str | None, vocabulary: int) -> Teacher:
+        """The teacher the loss asks: TRL's prepared `teacher_model`, or the server at `url` (checked at start-up)."""
+        if url is None:
+            return LocalTeacher(self.teacher_model, self.accelerator.unwrap_model, self.hidden_states)
+        args = self.args
+        client = TeacherServerClient(url, timeout=args.teacher_request_timeout, max_retries=args.teacher_max_retries)
+        teacher = ServedTeacher(client, self._tokenizer, vocabulary)
+        teacher.check(args.resolved_teacher_temperature)
+        return teacher
 
     @property
     def ref_model(self) -> torch.nn.Module | None:
@@ -245,8 +258,8 @@ class OPDTrainer(DistillationTrainer):
         student_head = OutputHead.from_model(unwrapped_student, args.temperature)
         mask = inputs["loss_mask"].to(student_head.weight.device).bool()
         student_hidden = self.hidden_states.trainable(unwrapped_student, inputs).to(mask.device)[mask]
-        teacher = self.teacher.at_positions(inputs, mask, args.resolved_teacher_temperature)
-        if teacher.head.weight.device != student_head.weight.device:
+        teacher = self.teacher.at_positions(inputs, mask, args.resolved_teacher_temperature, args.loss_top_k)
+        if isinstance(teacher, Positions) and teacher.head.weight.device != student_head.weight.device:
             raise ValueError(
                 f"The student `lm_head` is on {student_head.weight.device} but the teacher's is on "
                 f"{teacher.head.weight.device}. Place both heads on the same device in their `device_map`."
@@ -265,7 +278,9 @@ class OPDTrainer(DistillationTrainer):
     def _compute_loss(self, unwrapped_student, inputs, num_items_in_batch):
         objective = Objective.from_args(self.args)
         training = self.model.training
-        diagnose = diagnostics_due(self.args, training, self._step, self.state.global_step)
+        # token diagnostics compare whole distributions: a served teacher gives only its top-k
+        local = isinstance(self.teacher, LocalTeacher)
+        diagnose = local and diagnostics_due(self.args, training, self._step, self.state.global_step)
         self.metric_buffer.start(objective.metric_names + (diagnostic_names(self.args) if diagnose else []))
         batch, mask = self._loss_batch(objective, unwrapped_student, inputs)
         value = objective.evaluate(batch)

@@ -7,7 +7,13 @@ from typing import Any
 from datasets import Dataset, IterableDataset
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from .chunked import TEACHER_TOPK_SUPPORTS
 from .config import TOPK_SUPPORTS, OPDConfig
+
+
+def is_served(teacher_model: Any) -> bool:
+    """A teacher given as an http(s) URL: a server speaking vLLM's OpenAI-compatible protocol."""
+    return isinstance(teacher_model, str) and teacher_model.startswith(("http://", "https://"))
 
 
 def vocab_size(model: PreTrainedModel) -> int:
@@ -70,6 +76,28 @@ def validate_inputs(
         )
     if isinstance(model, PreTrainedModel) and isinstance(teacher_model, PreTrainedModel):
         check_vocabularies(model, teacher_model)
+    if is_served(teacher_model):
+        validate_served(args, teacher_model)
+
+
+def validate_served(args: OPDConfig, url: str) -> None:
+    """A served teacher returns only its top-k and the prefix token's log-prob: refuse what needs more."""
+    if args.loss_support not in TEACHER_TOPK_SUPPORTS:
+        raise ValueError(
+            f"The served teacher at {url} returns only its top-k log-probabilities, so `loss_support="
+            f"{args.loss_support!r}` cannot be computed. Use `loss_support` in {list(TEACHER_TOPK_SUPPORTS)} "
+            "(`teacher_topk` with or without `loss_add_tail`), or a local teacher."
+        )
+    if args.eopd_coef > 0:
+        raise ValueError(
+            f"`eopd_coef > 0` gates on the teacher's full-vocabulary entropy, which the served teacher at {url} does "
+            "not return. Set `eopd_coef=0`, or use a local teacher."
+        )
+    if args.prefix_source == "teacher" or (args.prefix_source == "mixed" and args.off_policy_source == "teacher"):
+        raise ValueError(
+            f"Teacher-written prefixes from the served teacher at {url} are not supported yet. Use `prefix_source` "
+            "'student' or 'dataset' (or `off_policy_source='dataset'` under 'mixed'), or a local teacher."
+        )
 
 
 def check_vocabularies(student: PreTrainedModel, teacher: PreTrainedModel) -> None:
