@@ -281,6 +281,11 @@ def divergence_from_teacher_topk(
                 student_lp, teacher_token_log_probs.to(student_lp.dtype), divergence.kl_direction
             )
             return value, entropy.detach()
+        if teacher_ids.shape[-1] < divergence.loss_top_k:
+            raise ValueError(
+                f"`loss_top_k={divergence.loss_top_k}` but the teacher gave only {teacher_ids.shape[-1]} entries per "
+                "position: lower `loss_top_k`, or rebuild the cache with a larger `top_k`."
+            )
         index = teacher_ids[:, : divergence.loss_top_k]
         teacher_lp = teacher_log_probs[:, : divergence.loss_top_k].float()
         valid = teacher_lp > float("-inf")

@@ -29,6 +29,11 @@ API_KEY_ENV = ("OPD_TEACHER_API_KEY", "VLLM_API_KEY")  # read in this order when
 PROBE = "The quick brown fox jumps over 12+7=19.\n"  # + the local tokenizer's EOS: the tokenizer probe of `check`
 
 
+def is_served(teacher_model: Any) -> bool:
+    """A teacher given as an http(s) URL: a server speaking vLLM's OpenAI-compatible protocol."""
+    return isinstance(teacher_model, str) and teacher_model.startswith(("http://", "https://"))
+
+
 class TeacherServerError(RuntimeError):
     """The teacher server could not be reached, refused a request or answered something unusable."""
 

@@ -34,11 +34,12 @@ from .hidden_states import HiddenStates
 from .objective import LossBatch, Objective
 from .prefixes import PrefixWriter, dataset_completions, draw_prefix_source, padded_completions
 from .reference import InitialStudent
-from .served_teacher import ServedTeacher, TeacherServerClient
+from .served_teacher import ServedTeacher, TeacherServerClient, is_served
+from .teacher_cache import CachedTeacher, cached_batch
 from .teachers import LocalTeacher, Teacher
 from .telemetry import MetricBuffer, batch_diagnostics, completion_rates, diagnostic_names, diagnostics_due
 from .train_sampler import EpochSeededRepeatSampler
-from .validation import is_served, validate_inputs, validate_prepared, vocab_size
+from .validation import validate_inputs, validate_prepared, vocab_size
 
 THINK_TAGS = ("<think>", "</think>")
 NONFINITE_SOURCES = ("student", "teacher", "reference", "gold", "loss")  # bit i of a rank's non-finite code
@@ -115,18 +116,23 @@ class OPDTrainer(DistillationTrainer):
         validate_prepared(args, self._tokenizer, vocabulary)
         self.special_token_ids = self._loss_masked_token_ids()
         self.hidden_states = HiddenStates(self._get_last_hidden_state, self._forward_redirection)
-        self.teacher = self._build_teacher(teacher_model if served else None, vocabulary)
+        self.teacher = self._build_teacher(teacher_model, vocabulary)
         self.reference = InitialStudent(self, self.hidden_states) if args.ref_kl_coef > 0 else None
         self.prefixes = PrefixWriter(self)
         self.metric_buffer = MetricBuffer()
         self._eval_draws = 0
 
-    def _build_teacher(self, url: str | None, vocabulary: int) -> Teacher:
-        """The teacher the loss asks: TRL's prepared `teacher_model`, or the server at `url` (checked at start-up)."""
-        if url is None:
+    def _build_teacher(self, teacher_model: Any, vocabulary: int) -> Teacher:
+        """The teacher the loss asks: the server at a URL (checked at start-up), the top-k cached in the dataset
+        (no `teacher_model`), or TRL's prepared `teacher_model`."""
+        if teacher_model is None:
+            return CachedTeacher()
+        if not is_served(teacher_model):
             return LocalTeacher(self.teacher_model, self.accelerator.unwrap_model, self.hidden_states)
         args = self.args
-        client = TeacherServerClient(url, timeout=args.teacher_request_timeout, max_retries=args.teacher_max_retries)
+        client = TeacherServerClient(
+            teacher_model, timeout=args.teacher_request_timeout, max_retries=args.teacher_max_retries
+        )
         teacher = ServedTeacher(client, self._tokenizer, vocabulary)
         teacher.check(args.resolved_teacher_temperature)
         return teacher
@@ -194,6 +200,8 @@ class OPDTrainer(DistillationTrainer):
         truncated, repetitive, count = self.accelerator.gather(rates.unsqueeze(0)).sum(0).tolist()
         metrics["opd/truncation_rate"].append(truncated / max(count, 1))
         metrics["opd/repetition_rate"].append(repetitive / max(count, 1))
+        if isinstance(self.teacher, CachedTeacher):
+            output.update(cached_batch(inputs, output["completion_ids"], output["completion_mask"]))
         if self.args.gold_sft_weight > 0:
             prompts = [ids[mask.bool()].tolist() for ids, mask in zip(output["prompt_ids"], output["prompt_mask"])]
             gold_ids, gold_mask = padded_completions(

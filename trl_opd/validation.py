@@ -9,11 +9,8 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from .chunked import TEACHER_TOPK_SUPPORTS
 from .config import TOPK_SUPPORTS, OPDConfig
-
-
-def is_served(teacher_model: Any) -> bool:
-    """A teacher given as an http(s) URL: a server speaking vLLM's OpenAI-compatible protocol."""
-    return isinstance(teacher_model, str) and teacher_model.startswith(("http://", "https://"))
+from .served_teacher import is_served
+from .teacher_cache import has_cache
 
 
 def vocab_size(model: PreTrainedModel) -> int:
@@ -64,8 +61,15 @@ def validate_inputs(
     tools: list | None,
 ) -> None:
     """What can be checked before TRL loads anything: the teacher, the datasets' columns, tools, vocabularies."""
-    if teacher_model is None:
-        raise ValueError("OPDTrainer needs a `teacher_model` (a model id/path or an instantiated model).")
+    cached = teacher_model is None
+    if cached and not (has_cache(train_dataset) and args.prefix_source == "dataset"):
+        raise ValueError(
+            "OPDTrainer needs a `teacher_model` (a model, a model id/path or an http(s) URL of a served teacher), "
+            "or, with `prefix_source='dataset'`, a train dataset carrying a cached teacher top-k "
+            "(`trl_opd.teacher_cache.cache_teacher_topk`)."
+        )
+    if cached and eval_dataset is not None and not has_cache(eval_dataset):
+        raise ValueError("Without a `teacher_model`, the eval dataset needs a cached teacher top-k too.")
     uses_dataset = args.uses_dataset_prefixes
     needs_completion = uses_dataset or args.gold_sft_weight > 0
     validate_prompt_dataset(train_dataset, "train_dataset", needs_completion=needs_completion)
@@ -76,27 +80,29 @@ def validate_inputs(
         )
     if isinstance(model, PreTrainedModel) and isinstance(teacher_model, PreTrainedModel):
         check_vocabularies(model, teacher_model)
-    if is_served(teacher_model):
-        validate_served(args, teacher_model)
+    if is_served(teacher_model) or cached:
+        validate_topk_teacher(
+            args, f"the served teacher at {teacher_model}" if teacher_model else "the cached teacher"
+        )
 
 
-def validate_served(args: OPDConfig, url: str) -> None:
-    """A served teacher returns only its top-k and the prefix token's log-prob: refuse what needs more."""
+def validate_topk_teacher(args: OPDConfig, teacher: str) -> None:
+    """A served or cached teacher gives only its top-k and the prefix token's log-prob: refuse what needs more."""
     if args.loss_support not in TEACHER_TOPK_SUPPORTS:
         raise ValueError(
-            f"The served teacher at {url} returns only its top-k log-probabilities, so `loss_support="
+            f"{teacher.capitalize()} gives only its top-k log-probabilities, so `loss_support="
             f"{args.loss_support!r}` cannot be computed. Use `loss_support` in {list(TEACHER_TOPK_SUPPORTS)} "
             "(`teacher_topk` with or without `loss_add_tail`), or a local teacher."
         )
     if args.eopd_coef > 0:
         raise ValueError(
-            f"`eopd_coef > 0` gates on the teacher's full-vocabulary entropy, which the served teacher at {url} does "
-            "not return. Set `eopd_coef=0`, or use a local teacher."
+            f"`eopd_coef > 0` gates on the teacher's full-vocabulary entropy, which {teacher} does not give. Set "
+            "`eopd_coef=0`, or use a local teacher."
         )
     if args.prefix_source == "teacher" or (args.prefix_source == "mixed" and args.off_policy_source == "teacher"):
         raise ValueError(
-            f"Teacher-written prefixes from the served teacher at {url} are not supported yet. Use `prefix_source` "
-            "'student' or 'dataset' (or `off_policy_source='dataset'` under 'mixed'), or a local teacher."
+            f"Teacher-written prefixes from {teacher} are not supported. Use `prefix_source` 'student' or 'dataset' "
+            "(or `off_policy_source='dataset'` under 'mixed'), or a local teacher."
         )
 
 
