@@ -52,8 +52,10 @@ class NonFiniteLossError(FloatingPointError):
 class OPDTrainer(DistillationTrainer):
     """On-policy distillation with decoupled prefix source × token-level divergence (docs/concepts.md).
 
-    Takes the same arguments as [`trl.DistillationTrainer`]; `args` must be an [`OPDConfig`]. The teacher is
-    required and must share the student's vocabulary. With `prefix_source` 'dataset' (or 'mixed' with
+    Takes the same arguments as [`trl.DistillationTrainer`]; `args` must be an [`OPDConfig`]. `teacher_model` is a
+    model or a model id/path sharing the student's vocabulary, the http(s) URL of a teacher served with vLLM's
+    protocol, or None when the train dataset carries a cached teacher top-k (`trl_opd.teacher_cache`) and
+    `prefix_source='dataset'` (docs/teachers.md). With `prefix_source` 'dataset' (or 'mixed' with
     `off_policy_source='dataset'`) the train dataset needs a `completion` column.
 
     Example (offline, with the toy tokenizer and tiny models of `trl_opd.toy`):
