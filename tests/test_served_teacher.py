@@ -349,7 +349,7 @@ def test_training_with_a_served_teacher_equals_the_same_teacher_held_locally(toy
 def test_served_teacher_refuses_supports_that_need_the_whole_distribution(toy, tmp_path):
     tokenizer, _ = toy
     args = make_config(tmp_path, loss_support="full")
-    with pytest.raises(ValueError, match="returns only its top-k.*teacher_topk"):
+    with pytest.raises(ValueError, match="gives only its top-k.*teacher_topk"):
         OPDTrainer(
             model=build_model(tokenizer, hidden_size=32, num_layers=1, seed=0),
             teacher_model="http://127.0.0.1:9",
