@@ -179,6 +179,13 @@ def _student_support(
     return torch.cat(supports), torch.cat(outsides) if loss_add_tail else None
 
 
+def _no_positions(student_hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A micro-batch without loss positions: an empty (0,) value still tied to the graph, and an empty (0,) second
+    output (entropy or gate)."""
+    empty = student_hidden.sum(-1) * 0.0
+    return empty, empty.detach()
+
+
 def entropy_gated_forward_kl(
     student_hidden: torch.Tensor,
     teacher_hidden: torch.Tensor,
@@ -189,6 +196,8 @@ def entropy_gated_forward_kl(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`losses.entropy_gated_forward_kl` from hidden states: 1[H(p_T) > τ] · KL(p̄_T‖q̄_θ) on the teacher's top-k
     support, renormalised (EOPD, Jin et al., arXiv 2603.07079). Returns (term (N,), gate (N,) as 0/1 floats)."""
+    if student_hidden.shape[0] == 0:
+        return _no_positions(student_hidden)
     support = _select_support(student_hidden, teacher_hidden, student_head, teacher_head, "teacher_topk", k, False)
     student_support, _ = _student_support(student_hidden, student_head, support.index, False)
     forward = token_divergence(
@@ -271,9 +280,8 @@ def divergence_from_teacher_topk(
             f"A teacher known only by its top-k (served or cached) supports `loss_support` in "
             f"{list(TEACHER_TOPK_SUPPORTS)}, not {divergence.loss_support!r}."
         )
-    if student_hidden.shape[0] == 0:  # nothing to train on in this micro-batch: a zero still tied to the graph
-        empty = student_hidden.sum(-1) * 0.0
-        return empty, empty.detach()
+    if student_hidden.shape[0] == 0:
+        return _no_positions(student_hidden)
     with maybe_gather_lm_head_ctx(student_head.weight, student_head.bias):
         if divergence.loss_support == "sampled_token":
             student_lp, entropy = token_log_probs(student_hidden, student_head, token_ids, with_entropy=True)
@@ -319,9 +327,8 @@ def divergence_from_hidden(
     `student_hidden`/`teacher_hidden` are (N, H_s)/(N, H_t) at the loss positions; `token_ids` (N,) are the
     prefix tokens at those positions (needed by "sampled_token").
     """
-    if student_hidden.shape[0] == 0:  # nothing to train on in this micro-batch: a zero still tied to the graph
-        empty = student_hidden.sum(-1) * 0.0
-        return empty, empty.detach()
+    if student_hidden.shape[0] == 0:
+        return _no_positions(student_hidden)
     with maybe_gather_lm_head_ctx(student_head.weight, student_head.bias, teacher_head.weight, teacher_head.bias):
         if divergence.loss_support == "full":
             return full_divergence(student_hidden, teacher_hidden, student_head, teacher_head, divergence)

@@ -16,7 +16,7 @@ objective from the config at every step, so that schedules changing a knob take 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
@@ -50,22 +50,6 @@ class LossBatch:
         """Which models' hidden states (or a top-k teacher's log-probabilities) hold NaN/inf."""
         bad = [name for name, hidden in self._hidden().items() if not bool(torch.isfinite(hidden).all())]
         return ["teacher", *bad] if isinstance(self.teacher, TeacherTopK) and self.teacher.nonfinite() else bad
-
-    def sanitized(self) -> LossBatch:
-        """The same batch with every non-finite hidden-state entry set to 0 (its gradient path kept)."""
-
-        def clean(positions: Positions | None) -> Positions | None:
-            return (
-                None if positions is None else replace(positions, hidden=torch.nan_to_num(positions.hidden, 0, 0, 0))
-            )
-
-        return replace(
-            self,
-            student=clean(self.student),
-            teacher=clean(self.teacher),
-            reference=clean(self.reference),
-            gold=clean(self.gold),
-        )
 
     def head_parameters(self) -> list[torch.Tensor]:
         """Every output-head weight and bias the terms read (gathered together under ZeRO-3)."""
@@ -124,8 +108,6 @@ def _reference_kl(batch: LossBatch, objective: Objective) -> TermValue:
 
 def _entropy_gated_forward_kl(batch: LossBatch, objective: Objective) -> TermValue:
     student, teacher = batch.student, batch.teacher
-    if student.hidden.shape[0] == 0:
-        return TermValue(student.hidden.sum(-1) * 0.0, {"opd/eopd_gate_share": (student.hidden.new_zeros(()), 0)})
     term, gate = chunked.entropy_gated_forward_kl(
         student.hidden,
         teacher.hidden,

@@ -317,14 +317,13 @@ class OPDTrainer(DistillationTrainer):
         codes = self.accelerator.gather(torch.tensor([code], device=self.accelerator.device)).tolist()
         if not any(codes):
             return True
-        where = "; ".join(
-            f"rank {rank}: {', '.join(name for i, name in enumerate(NONFINITE_SOURCES) if c >> i & 1)}"
-            for rank, c in enumerate(codes)
-            if c
-        )
-        accumulation = max(self.args.gradient_accumulation_steps, 1)
-        seen = [name for i, name in enumerate(NONFINITE_SOURCES) if any(c >> i & 1 for c in codes)]
+        per_rank = {
+            rank: [name for i, name in enumerate(NONFINITE_SOURCES) if c >> i & 1] for rank, c in enumerate(codes)
+        }
+        where = "; ".join(f"rank {rank}: {', '.join(names)}" for rank, names in per_rank.items() if names)
+        seen = [name for name in NONFINITE_SOURCES if any(name in names for names in per_rank.values())]
         what = "loss" if seen == ["loss"] else f"{seen[0]} hidden states"
+        accumulation = max(self.args.gradient_accumulation_steps, 1)
         message = (
             f"Non-finite {what} at global step {self.state.global_step}, micro-batch {self._step % accumulation} "
             f"of the accumulation window ({where})."
