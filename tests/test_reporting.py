@@ -40,7 +40,8 @@ def test_wandb_offline_run_records_opd_metrics(student, teacher, tokenizer, tmp_
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))
     train("wandb", student, teacher, tokenizer, tmp_path)
-    wandb.finish()  # flushes the run file (a script's run is finished at exit)
+    wandb.finish()
+    wandb.teardown()  # stops the wandb-core service, which writes the run file asynchronously until then
     (record,) = glob.glob(str(tmp_path / "wandb" / "offline-run-*" / "*.wandb"))
     data = open(record, "rb").read()  # protobuf records: metric names are stored as plain strings
     for name in EXPECTED:
