@@ -35,8 +35,8 @@ USED_IN = {
         "trl_opd/trainer.py (OPDTrainer._generate_and_score_completions: calls super(), reads and extends its output)"
     ),
     "DistillationTrainer._prepare_inputs": (
-        "trl_opd/trainer.py (OPDTrainer._generate_and_score_completions adds `loss_mask`/`gold_*` entries that TRL's "
-        "`_prepare_inputs` must shuffle and split along with the batch)"
+        "trl_opd/trainer.py (OPDTrainer._generate_and_score_completions adds `loss_mask`/`gold_*`/`teacher_index` "
+        "entries that TRL's `_prepare_inputs` must shuffle and split along with the batch)"
     ),
     "DistillationTrainer._generate_single_turn": (
         "trl_opd/trainer.py (OPDTrainer._generate_single_turn) and trl_opd/prefixes.py (PrefixWriter.write: dataset "
@@ -85,7 +85,13 @@ USED_IN = {
         "trl_opd/objective.py (Objective.evaluate), trl_opd/trainer.py (OPDTrainer._skipped)"
     ),
     "trl.trainer.utils.RepeatSampler": "trl_opd/train_sampler.py (EpochSeededRepeatSampler)",
-    "trl.models.prepare_deepspeed": "trl_opd/reference.py (InitialStudent)",
+    "trl.models.prepare_deepspeed": (
+        "trl_opd/reference.py (InitialStudent), trl_opd/teacher_routing.py (load_local_teacher)"
+    ),
+    "DistillationTrainer.__init__ teacher loading": (
+        "trl_opd/teacher_routing.py (load_local_teacher loads and prepares each local teacher of a dict as TRL does "
+        "its single one, with trl.trainer.utils.create_model_from_path)"
+    ),
     "trl.kernels.chunked_divergence.ChunkedDivergenceFunction": "trl_opd/chunked.py (full_divergence)",
     "trl.kernels.chunked_logprob.ChunkedLogProbFunction": "trl_opd/chunked.py (token_log_probs)",
     "trl.trainer.distillation_trainer._chunked_divergence_loss": "benchmarks/bench_loss.py (the `trl_full` path)",
@@ -250,13 +256,15 @@ def test_prepare_inputs_splits_added_entries(trainer, rows, monkeypatch):
     and splits every (batch, ...) tensor of its output together and passes 0-dim tensors through."""
     internal = "DistillationTrainer._prepare_inputs"
     generate_and_score = trainer._generate_and_score_completions
-    calls = []
+    calls, generated_completions = [], []
 
     def with_added_entries(inputs):
         calls.append(len(inputs))
         output = generate_and_score(inputs)
+        generated_completions.append(output["completion_ids"].clone())
         output["contract_mask"] = output["completion_ids"].clone()
         output["contract_count"] = torch.tensor(7)
+        output["contract_rows"] = torch.arange(len(inputs))
         return output
 
     monkeypatch.setattr(trainer, "_generate_and_score_completions", with_added_entries)
@@ -271,6 +279,13 @@ def test_prepare_inputs_splits_added_entries(trainer, rows, monkeypatch):
     )
     assert torch.equal(micro_batch.get("contract_mask"), micro_batch["completion_ids"]), broke(
         internal, "an added (batch, length) entry is no longer shuffled and split with `completion_ids`"
+    )
+    first_row = micro_batch["contract_rows"][0]  # which generation-batch row landed first in this micro-batch
+    assert micro_batch["contract_rows"].shape == (PER_DEVICE_BATCH,), broke(
+        internal, "an added (batch,) entry is no longer split with the batch"
+    )
+    assert torch.equal(micro_batch["completion_ids"][0], generated_completions[0][first_row]), broke(
+        internal, "an added (batch,) entry is no longer shuffled together with `completion_ids`"
     )
     assert int(micro_batch.get("contract_count")) == 7, broke(
         internal, "an added 0-dim tensor (like `num_items_in_batch`) is no longer passed through unchanged"
@@ -844,6 +859,31 @@ def test_prepare_deepspeed():
     assert found == ["model", "accelerator"], broke(
         "trl.models.prepare_deepspeed", f"its signature is now {found}; trl-opd calls it as (model, accelerator)"
     )
+
+
+def test_teacher_loading_matches_load_local_teacher(tokenizer, tmp_path):
+    """`load_local_teacher` (each local teacher of a dict) must load and prepare a teacher path as TRL's `__init__`
+    does its `teacher_model`: same class, dtype, device, weights and evaluation mode."""
+    from trl.trainer.utils import create_model_from_path
+
+    from trl_opd.teacher_routing import load_local_teacher
+
+    internal = "DistillationTrainer.__init__ teacher loading"
+    assert parameters(create_model_from_path)[:1] == ["model_id"], broke(
+        internal, f"`create_model_from_path` now takes {parameters(create_model_from_path)}"
+    )
+    student, teacher = make_models(tokenizer)
+    teacher.save_pretrained(tmp_path / "teacher")
+    args = make_args(tmp_path / "out", teacher_model_init_kwargs={"dtype": "float32"})
+    trainer = DistillationTrainer(student, str(tmp_path / "teacher"), args, make_dataset(8), processing_class=tokenizer)
+    ours = load_local_teacher(trainer, str(tmp_path / "teacher"))
+    theirs = trainer.teacher_model
+    assert type(ours) is type(theirs) and ours.dtype == theirs.dtype and ours.device == theirs.device, broke(
+        internal, f"TRL now gives {type(theirs).__name__} {theirs.dtype} on {theirs.device}"
+    )
+    assert ours.training == theirs.training, broke(internal, "the prepared teacher's train/eval mode changed")
+    for (name, mine), (_, trl_parameter) in zip(ours.state_dict().items(), theirs.state_dict().items()):
+        assert torch.equal(mine, trl_parameter), broke(internal, f"the loaded teacher's {name} differs")
 
 
 def transformed_logits(hidden, weight, bias, logit_scale, softcap, temperature):

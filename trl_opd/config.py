@@ -168,6 +168,13 @@ class OPDConfig(DistillationConfig):
         },
     )
 
+    teacher_column: str = field(
+        default="teacher",
+        metadata={
+            "help": "Several teachers (`teacher_model` a dict {name: model | id/path | URL}) only: the dataset column "
+            "in which each row names its teacher. Rows of one batch may name different teachers."
+        },
+    )
     teacher_request_timeout: float = field(
         default=60.0,
         metadata={

@@ -11,6 +11,10 @@ normalises them. Each term is a `Term`: its name, the `OPDConfig` field of its c
 is 0 is not evaluated), its reference formula in `trl_opd.losses` (on explicit logits) and its fast path in
 `trl_opd.chunked` (on hidden states), which the tests check against the reference. `Objective.from_args` builds the
 objective from the config at every step, so that schedules changing a knob take effect at once.
+
+With several teachers (`teachers.RoutedAnswer`) the terms that read the teacher are evaluated per teacher, on the
+positions of its rows, and put back in position order: the loss is the same sum, each position against its own
+teacher.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from . import chunked, losses
 from .config import OPDConfig
 from .heads import Positions
 from .losses import Divergence
-from .teachers import TeacherTopK
+from .teachers import Answer, RoutedAnswer, TeacherTopK
 
 Metrics = dict[str, tuple[torch.Tensor, int]]  # opd/<name> → (sum over items, number of items)
 
@@ -36,29 +40,50 @@ class LossBatch:
     """What the objective reads for one micro-batch: each model's distributions at the positions its terms need."""
 
     student: Positions  # q_θ at the N loss positions, hidden states with gradient
-    teacher: Positions | TeacherTopK  # p_T at the same positions (a served or cached teacher: its top-k only)
+    teacher: Answer | RoutedAnswer  # p_T at the same positions (served or cached: top-k only; several: per teacher)
     token_ids: torch.Tensor  # (N,) the prefix tokens there
     reference: Positions | None = None  # q_ref at the same positions, for the reference-KL term
     gold: Positions | None = None  # q_θ at the M gold-completion tokens, for the gold-SFT term
     gold_ids: torch.Tensor | None = None  # (M,)
 
-    def _hidden(self) -> dict[str, torch.Tensor]:
-        named = {"student": self.student, "teacher": self.teacher, "reference": self.reference, "gold": self.gold}
-        return {name: value.hidden for name, value in named.items() if isinstance(value, Positions)}
+    @property
+    def answers(self) -> list[Answer]:
+        """The teacher's answer, or each teacher's."""
+        if isinstance(self.teacher, RoutedAnswer):
+            return [answer for _, _, answer in self.teacher.parts]
+        return [self.teacher]
+
+    def by_teacher(self) -> list[tuple[str | None, torch.Tensor | None, LossBatch]]:
+        """(teacher name, position index, the batch at those positions with that teacher alone) per teacher; one
+        teacher: [(None, None, self)]. The gold completions stay with the whole batch."""
+        if not isinstance(self.teacher, RoutedAnswer):
+            return [(None, None, self)]
+        parts = []
+        for name, index, answer in self.teacher.parts:
+            student = Positions(self.student.hidden[index], self.student.head)
+            reference = None if self.reference is None else Positions(self.reference.hidden[index], self.reference.head)
+            parts.append((name, index, LossBatch(student, answer, self.token_ids[index], reference)))
+        return parts
 
     def nonfinite(self) -> list[str]:
         """Which models' hidden states (or a top-k teacher's log-probabilities) hold NaN/inf."""
-        bad = [name for name, hidden in self._hidden().items() if not bool(torch.isfinite(hidden).all())]
-        return ["teacher", *bad] if isinstance(self.teacher, TeacherTopK) and self.teacher.nonfinite() else bad
+        models = [("student", self.student), *(("teacher", answer) for answer in self.answers)]
+        models += [("reference", self.reference), ("gold", self.gold)]
+        bad = []
+        for name, value in models:
+            if isinstance(value, Positions):
+                finite = bool(torch.isfinite(value.hidden).all())
+            else:
+                finite = not (isinstance(value, TeacherTopK) and value.nonfinite())
+            if not finite and name not in bad:
+                bad.append(name)
+        return bad
 
     def head_parameters(self) -> list[torch.Tensor]:
-        """Every output-head weight and bias the terms read (gathered together under ZeRO-3)."""
-        heads = [
-            positions.head
-            for positions in (self.student, self.teacher, self.reference)
-            if isinstance(positions, Positions)
-        ]
-        return [tensor for head in heads for tensor in (head.weight, head.bias) if tensor is not None]
+        """Every output-head weight and bias the terms read, each once (gathered together under ZeRO-3)."""
+        heads = [p.head for p in (self.student, *self.answers, self.reference) if isinstance(p, Positions)]
+        tensors = [tensor for head in heads for tensor in (head.weight, head.bias) if tensor is not None]
+        return list({id(tensor): tensor for tensor in tensors}.values())
 
 
 class TermValue(NamedTuple):
@@ -81,6 +106,32 @@ class Term:
     metrics: tuple[str, ...] = ()  # the `opd/` metrics it reports
 
 
+def _per_teacher(term: Callable[[LossBatch, Objective], TermValue]) -> Callable[[LossBatch, Objective], TermValue]:
+    """`term` (which reads one teacher) evaluated on each teacher's positions and put back in position order; the
+    metrics' sums and counts add up over teachers."""
+
+    def routed(batch: LossBatch, objective: Objective) -> TermValue:
+        if not isinstance(batch.teacher, RoutedAnswer):
+            return term(batch, objective)
+        n = batch.token_ids.shape[0]
+        values = entropy = None
+        metrics: Metrics = {}
+        for _, index, part in batch.by_teacher():
+            value = term(part, objective)
+            values = (value.values.new_zeros(n) if values is None else values).index_copy(0, index, value.values)
+            if value.entropy is not None:
+                entropy = (value.entropy.new_zeros(n) if entropy is None else entropy).index_copy(
+                    0, index, value.entropy
+                )
+            for name, (total, count) in value.metrics.items():
+                previous, seen = metrics.get(name, (0.0, 0))
+                metrics[name] = (previous + total, seen + count)
+        return TermValue(values, metrics, entropy)
+
+    return routed
+
+
+@_per_teacher
 def _divergence(batch: LossBatch, objective: Objective) -> TermValue:
     student, teacher = batch.student, batch.teacher
     if isinstance(teacher, TeacherTopK):
@@ -106,6 +157,7 @@ def _reference_kl(batch: LossBatch, objective: Objective) -> TermValue:
     return TermValue(kl, {"opd/ref_kl": (kl.detach().sum(), kl.numel())})
 
 
+@_per_teacher
 def _entropy_gated_forward_kl(batch: LossBatch, objective: Objective) -> TermValue:
     student, teacher = batch.student, batch.teacher
     term, gate = chunked.entropy_gated_forward_kl(

@@ -1,7 +1,8 @@
 """Where the completions come from: the prefix source of each generation batch, and the completions it writes.
 
-Student prefixes are TRL's own generation (HF `generate` or vLLM); teacher prefixes run the same HF code on the
-teacher at its temperature; dataset prefixes are the tokenised `completion` column. `PrefixWriter` is what the
+Student prefixes are TRL's own generation (HF `generate` or vLLM); teacher prefixes run the same HF code on a local
+teacher at its temperature, or are sampled by a served teacher's server, and with several teachers each row's prompt
+is continued by its own teacher; dataset prefixes are the tokenised `completion` column. `PrefixWriter` is what the
 trainer's one generation override asks for a batch's completions; the rest are pure functions: the seeded per-batch
 draw of `prefix_source="mixed"` and the tokenisation of dataset completions (also the gold-SFT term's targets).
 """
@@ -17,6 +18,12 @@ from typing import Any
 import torch
 from transformers import PreTrainedTokenizerBase
 from trl.trainer.utils import pad
+
+from .served_teacher import ServedTeacher
+from .teacher_routing import TeacherRouter
+from .teachers import LocalTeacher
+
+Generate = Callable[[list[int]], list[list[int]]]  # TRL's generation of the prompts at these row indices
 
 
 def draw_prefix_source(
@@ -92,9 +99,9 @@ def padded_completions(
 class PrefixWriter:
     """Writes the completions of each generation batch from the source drawn for it.
 
-    `trainer` is the `OPDTrainer`: teacher prefixes temporarily put the teacher in the four places TRL's HF
-    generation path reads (`model_wrapped`, `use_vllm`, `generation_config`, `generation_kwargs`), so teacher samples
-    get exactly the student's settings, gathering and EOS handling, at the teacher's temperature.
+    `trainer` is the `OPDTrainer`: teacher prefixes from a local teacher temporarily put it in the four places TRL's
+    HF generation path reads (`model_wrapped`, `use_vllm`, `generation_config`, `generation_kwargs`), so teacher
+    samples get exactly the student's settings, gathering and EOS handling, at the teacher's temperature.
     """
 
     def __init__(self, trainer: Any) -> None:
@@ -111,15 +118,42 @@ class PrefixWriter:
         finally:
             self.source, self._rows = "student", None
 
-    def write(self, prompt_ids: list[list[int]], generate: Callable[[], list[list[int]]]) -> list[list[int]]:
-        """The completions for `prompt_ids`; `generate` is TRL's generation of them by the model in place."""
+    def write(self, prompt_ids: list[list[int]], generate: Generate) -> list[list[int]]:
+        """The completions for `prompt_ids`; `generate(rows)` is TRL's generation of `prompt_ids[rows]` by the model
+        in place."""
         self.sync_generation_knobs()
         if self.source == "dataset":
             return self._dataset_completions(prompt_ids)
-        if self.source == "teacher":
-            with self._teacher_generates():
-                return generate()
-        return generate()
+        every_row = list(range(len(prompt_ids)))
+        if self.source != "teacher":
+            return generate(every_row)
+        teacher = self._trainer.teacher
+        if not isinstance(teacher, TeacherRouter):
+            return self._teacher_completions(teacher, prompt_ids, every_row, generate)
+        owners = teacher.indices(self._rows)
+        completions: list[list[int]] = [[] for _ in prompt_ids]
+        for k, one in enumerate(teacher.teachers.values()):
+            rows = [i for i, owner in enumerate(owners) if owner == k]
+            if not rows and not isinstance(one, LocalTeacher):
+                continue
+            # A local teacher generates on every rank, on one of its rows if it has none here: under ZeRO-3 or
+            # FSDP its parameters are gathered for generation, a collective every rank must enter.
+            written = self._teacher_completions(one, prompt_ids, rows or [0], generate)
+            for i, completion in zip(rows, written):
+                completions[i] = completion
+        return completions
+
+    def _teacher_completions(
+        self, teacher: Any, prompt_ids: list[list[int]], rows: list[int], generate: Generate
+    ) -> list[list[int]]:
+        """`teacher`'s completions of `prompt_ids[rows]`: sampled by its server, or by TRL's generation with it."""
+        args = self._trainer.args
+        if isinstance(teacher, ServedTeacher):
+            prompts = [prompt_ids[i] for i in rows]
+            temperature = args.resolved_teacher_temperature
+            return teacher.generate(prompts, args.max_completion_length, temperature, self._trainer.eos_token_ids)
+        with self._teacher_generates(teacher.model):
+            return generate(rows)
 
     def sync_generation_knobs(self) -> None:
         """Push `args.temperature`/`args.max_completion_length` into TRL's cached generation settings.
@@ -145,13 +179,13 @@ class PrefixWriter:
         return dataset_completions(self._trainer, self._rows, prompt_ids)
 
     @contextlib.contextmanager
-    def _teacher_generates(self) -> Iterator[None]:
+    def _teacher_generates(self, model: torch.nn.Module) -> Iterator[None]:
         trainer = self._trainer
         temperature = trainer.args.resolved_teacher_temperature
         saved = (trainer.model_wrapped, trainer.use_vllm, trainer.generation_config, trainer.generation_kwargs)
         generation_config = copy.deepcopy(trainer.generation_config)
         generation_config.temperature = temperature
-        trainer.model_wrapped, trainer.use_vllm = trainer.teacher_model, False
+        trainer.model_wrapped, trainer.use_vllm = model, False
         trainer.generation_config = generation_config
         trainer.generation_kwargs = {**trainer.generation_kwargs, "temperature": temperature}
         try:

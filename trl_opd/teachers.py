@@ -17,7 +17,9 @@ from typing import Any, Protocol
 import torch
 
 from .heads import OutputHead, Positions
-from .hidden_states import HiddenStates
+from .hidden_states import MULTIMODAL_KEYS, HiddenStates
+
+ROW_KEYS = ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask")  # what a teacher forward reads per row
 
 
 @dataclass(frozen=True)
@@ -37,6 +39,20 @@ class TeacherTopK:
         """NaN or +inf anywhere (−inf is padding, not an error)."""
         values = torch.cat([self.log_probs.flatten(), self.token_log_probs.flatten()])
         return bool(torch.isnan(values).any() or torch.isposinf(values).any())
+
+
+Answer = Positions | TeacherTopK
+
+
+@dataclass(frozen=True)
+class RoutedAnswer:
+    """Several teachers at the N loss positions of a batch whose rows name their teacher.
+
+    `parts` holds, per teacher in a fixed order, (name, index, answer): `index` (n,) are the loss positions (among the
+    N, ascending) of that teacher's rows and `answer` its `Positions` or `TeacherTopK` there, in the same order.
+    """
+
+    parts: tuple[tuple[str, torch.Tensor, Answer], ...]
 
 
 class Teacher(Protocol):
@@ -62,7 +78,18 @@ class LocalTeacher:
         self._hidden_states = hidden_states
 
     def at_positions(self, inputs: dict[str, Any], mask: torch.Tensor, temperature: float, top_k: int) -> Positions:
-        """The teacher's hidden states at `mask` and its head at `temperature` (the whole distribution: no `top_k`)."""
+        """The teacher's hidden states at `mask` and its head at `temperature` (the whole distribution: no `top_k`).
+
+        The forward runs over the rows with a masked position only (all rows for multimodal inputs, whose fields are
+        not split per row), and over one row when none has: under ZeRO-3 or FSDP the forward is a collective, which
+        every rank must enter as often as the others.
+        """
         unwrapped = self._unwrap(self.model)
-        hidden = self._hidden_states.frozen(self.model, unwrapped, inputs)
-        return Positions(hidden.to(mask.device)[mask], OutputHead.from_model(unwrapped, temperature))
+        rows = mask.any(dim=1)
+        if bool(rows.all()) or any(key in inputs for key in MULTIMODAL_KEYS):
+            hidden = self._hidden_states.frozen(self.model, unwrapped, inputs).to(mask.device)[mask]
+        else:
+            keep = rows.nonzero().flatten() if bool(rows.any()) else torch.zeros(1, dtype=torch.long, device=mask.device)
+            subset = {key: inputs[key][keep.to(inputs[key].device)] for key in ROW_KEYS}
+            hidden = self._hidden_states.frozen(self.model, unwrapped, subset).to(mask.device)[mask[keep]]
+        return Positions(hidden, OutputHead.from_model(unwrapped, temperature))

@@ -5,7 +5,8 @@
   from the config and the step alone, so every rank reduces the same list.
 - `completion_rates`: TruncRate and RepRate of a generation batch (Luo et al., arXiv 2604.08527).
 - `batch_diagnostics`: the token diagnostics of `trl_opd.diagnostics` on a sample of the loss positions, and the
-  optional gradient-coherence probe.
+  optional gradient-coherence probe; with several teachers, `per_teacher_metrics` reports the loss and those
+  diagnostics per teacher (`opd/<metric>/<teacher name>`).
 """
 
 from __future__ import annotations
@@ -19,14 +20,15 @@ from .diagnostics import (
     GRADIENT_COHERENCE,
     TOKEN_DIAGNOSTICS_LOGGED,
     head_gradient_coherence,
-    repeated_token_mask,
     repetition_rate,
     repetition_threshold,
     token_diagnostics,
     truncation_rate,
 )
 from .losses import divergence_of_logits
-from .objective import LossBatch, Metrics, Objective
+from .objective import LossBatch, Metrics, Objective, ObjectiveValue
+from .teacher_routing import TeacherRouter
+from .teachers import LocalTeacher, RoutedAnswer
 
 COHERENCE_POSITIONS = 64
 
@@ -70,10 +72,49 @@ def diagnostics_due(args: OPDConfig, training: bool, micro_step: int, global_ste
     return first_micro_batch and (global_step + 1) % int(steps) == 0
 
 
-def diagnostic_names(args: OPDConfig) -> list[str]:
-    """The `opd/` metrics `batch_diagnostics` reports under `args`."""
+def diagnostic_names(args: OPDConfig, teacher: str | None = None) -> list[str]:
+    """The `opd/` metrics `batch_diagnostics` reports under `args` (for the named one of several teachers)."""
     names = [*TOKEN_DIAGNOSTICS_LOGGED, *([GRADIENT_COHERENCE] if args.diagnostics_gradient_coherence else [])]
-    return [f"opd/{name}" for name in names]
+    return [f"opd/{name}" + (f"/{teacher}" if teacher else "") for name in names]
+
+
+def diagnosed_teachers(teacher: Any) -> list[str | None]:
+    """The teachers whose token diagnostics can be computed: those held locally (the diagnostics compare whole
+    distributions, a served or cached teacher gives only its top-k). [None] stands for a single local teacher."""
+    if isinstance(teacher, TeacherRouter):
+        return [name for name, one in teacher.teachers.items() if isinstance(one, LocalTeacher)]
+    return [None] if isinstance(teacher, LocalTeacher) else []
+
+
+def per_teacher_names(teacher: Any, args: OPDConfig, diagnose: bool) -> list[str]:
+    """The metrics `per_teacher_metrics` reports: the loss per routed teacher, and with `diagnose` the diagnostics
+    of each teacher that has them (fixed by the config and the step alone, identical on every rank)."""
+    names = [f"opd/loss/{name}" for name in teacher.names] if isinstance(teacher, TeacherRouter) else []
+    if diagnose:
+        names += [metric for name in diagnosed_teachers(teacher) for metric in diagnostic_names(args, name)]
+    return names
+
+
+def per_teacher_metrics(
+    batch: LossBatch,
+    objective: Objective,
+    value: ObjectiveValue,
+    repeated: torch.Tensor | None,
+    diagnosed: list[str | None],
+    args: OPDConfig,
+) -> Metrics:
+    """The loss at each routed teacher's positions, and the diagnostics (`repeated` (N,): loss positions whose token
+    repeats an earlier n-gram; None: no diagnostics) of each teacher in `diagnosed`, suffixed with its name."""
+    metrics: Metrics = {}
+    for name, index, part in batch.by_teacher():
+        if isinstance(batch.teacher, RoutedAnswer):
+            metrics[f"opd/loss/{name}"] = (value.per_position[index].detach().sum(), index.numel())
+        if repeated is not None and name in diagnosed:
+            part_repeated = repeated if index is None else repeated[index]
+            suffix = f"/{name}" if name else ""
+            diagnostics = batch_diagnostics(part, objective, part_repeated, args)
+            metrics.update({metric + suffix: stat for metric, stat in diagnostics.items()})
+    return metrics
 
 
 def completion_rates(
@@ -99,10 +140,9 @@ def completion_rates(
 
 
 @torch.no_grad()
-def batch_diagnostics(
-    batch: LossBatch, objective: Objective, completion_ids: torch.Tensor, mask: torch.Tensor, args: OPDConfig
-) -> Metrics:
-    """Overlap, entropies and log-ratios on ≤ `diagnostics_max_positions` evenly spaced loss positions, and with
+def batch_diagnostics(batch: LossBatch, objective: Objective, repeated: torch.Tensor, args: OPDConfig) -> Metrics:
+    """Overlap, entropies and log-ratios on ≤ `diagnostics_max_positions` evenly spaced loss positions of a batch with
+    one local teacher (`repeated` (N,): whether each position's token repeats an earlier n-gram), and with
     `diagnostics_gradient_coherence` the coherence of the loss's head gradients on up to 64 of them.
 
     Evenly spaced rather than random: the diagnostics must not consume RNG draws that training depends on.
@@ -110,15 +150,14 @@ def batch_diagnostics(
     n = batch.student.hidden.shape[0]
     if n == 0:
         return {}
-    picked = torch.linspace(0, n - 1, min(n, args.diagnostics_max_positions), device=mask.device).long()
+    picked = torch.linspace(0, n - 1, min(n, args.diagnostics_max_positions), device=repeated.device).long()
     student_hidden, teacher_hidden = batch.student.hidden[picked], batch.teacher.hidden[picked]
     student_logits, teacher_logits = (
         batch.student.head.logits(student_hidden),
         batch.teacher.head.logits(teacher_hidden),
     )
     token_ids = batch.token_ids[picked]
-    repeated = repeated_token_mask(completion_ids.cpu()).to(mask.device)[mask][picked]
-    stats = token_diagnostics(student_logits, teacher_logits, token_ids, args.diagnostics_top_k, repeated)
+    stats = token_diagnostics(student_logits, teacher_logits, token_ids, args.diagnostics_top_k, repeated[picked])
     if args.diagnostics_gradient_coherence:
         few = slice(0, COHERENCE_POSITIONS)
         with torch.enable_grad():

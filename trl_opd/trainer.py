@@ -17,7 +17,7 @@ generation per gradient-accumulation window, logging — is TRL's):
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -36,8 +36,17 @@ from .prefixes import PrefixWriter, dataset_completions, draw_prefix_source, pad
 from .reference import InitialStudent
 from .served_teacher import ServedTeacher, TeacherServerClient, is_served
 from .teacher_cache import CachedTeacher, cached_batch
+from .teacher_routing import TEACHER_INDEX, TeacherRouter, load_local_teacher
 from .teachers import LocalTeacher, Teacher
-from .telemetry import MetricBuffer, batch_diagnostics, completion_rates, diagnostic_names, diagnostics_due
+from .diagnostics import repeated_token_mask
+from .telemetry import (
+    MetricBuffer,
+    completion_rates,
+    diagnosed_teachers,
+    diagnostics_due,
+    per_teacher_metrics,
+    per_teacher_names,
+)
 from .train_sampler import EpochSeededRepeatSampler
 from .validation import validate_inputs, validate_prepared, vocab_size
 
@@ -54,8 +63,9 @@ class OPDTrainer(DistillationTrainer):
 
     Takes the same arguments as [`trl.DistillationTrainer`]; `args` must be an [`OPDConfig`]. `teacher_model` is a
     model or a model id/path sharing the student's vocabulary, the http(s) URL of a teacher served with vLLM's
-    protocol, or None when the train dataset carries a cached teacher top-k (`trl_opd.teacher_cache`) and
-    `prefix_source='dataset'` (docs/teachers.md). With `prefix_source` 'dataset' (or 'mixed' with
+    protocol, a dict {name: any of those} of several teachers (each row names its own in the column
+    `args.teacher_column`), or None when the train dataset carries a cached teacher top-k (`trl_opd.teacher_cache`)
+    and `prefix_source='dataset'` (docs/teachers.md). With `prefix_source` 'dataset' (or 'mixed' with
     `off_policy_source='dataset'`) the train dataset needs a `completion` column.
 
     Example (offline, with the toy tokenizer and tiny models of `trl_opd.toy`):
@@ -80,7 +90,7 @@ class OPDTrainer(DistillationTrainer):
     def __init__(
         self,
         model: str | PreTrainedModel,
-        teacher_model: str | PreTrainedModel | None = None,
+        teacher_model: str | PreTrainedModel | Mapping[str, str | PreTrainedModel] | None = None,
         args: OPDConfig | None = None,
         train_dataset: Dataset | None = None,
         eval_dataset: Dataset | dict[str, Dataset] | None = None,
@@ -100,10 +110,11 @@ class OPDTrainer(DistillationTrainer):
                 "`DistillationConfig` field: build it with the same arguments."
             )
         validate_inputs(args, model, teacher_model, train_dataset, eval_dataset, tools)
-        served = is_served(teacher_model)
+        one_local = not (is_served(teacher_model) or isinstance(teacher_model, Mapping))
         super().__init__(
             model=model,
-            teacher_model=None if served else teacher_model,  # a served teacher is scored over HTTP instead
+            # TRL loads and prepares a single local teacher; served ones are scored over HTTP, several routed here
+            teacher_model=teacher_model if one_local else None,
             args=args,
             train_dataset=train_dataset,
             eval_dataset=eval_dataset,
@@ -125,12 +136,27 @@ class OPDTrainer(DistillationTrainer):
         self._eval_draws = 0
 
     def _build_teacher(self, teacher_model: Any, vocabulary: int) -> Teacher:
-        """The teacher the loss asks: the server at a URL (checked at start-up), the top-k cached in the dataset
-        (no `teacher_model`), or TRL's prepared `teacher_model`."""
+        """The teacher the loss asks: the top-k cached in the dataset (no `teacher_model`), several teachers routed
+        per row (a dict), or one teacher (`_one_teacher`)."""
         if teacher_model is None:
             return CachedTeacher()
+        if not isinstance(teacher_model, Mapping):
+            return self._one_teacher(teacher_model, vocabulary, self.teacher_model)
+        teachers = {}
+        for name, teacher in teacher_model.items():
+            prepared = None if is_served(teacher) else load_local_teacher(self, teacher)
+            if prepared is not None and vocab_size(self.accelerator.unwrap_model(prepared)) != vocabulary:
+                raise ValueError(
+                    f"Teacher {name!r} has a vocabulary of {vocab_size(self.accelerator.unwrap_model(prepared))} "
+                    f"entries but the student's has {vocabulary}: use teachers from the student's model family."
+                )
+            teachers[name] = self._one_teacher(teacher, vocabulary, prepared)
+        return TeacherRouter(teachers, self.args.teacher_column)
+
+    def _one_teacher(self, teacher_model: Any, vocabulary: int, prepared: torch.nn.Module | None) -> Teacher:
+        """The server at a URL (checked at start-up), or a `prepared` local model."""
         if not is_served(teacher_model):
-            return LocalTeacher(self.teacher_model, self.accelerator.unwrap_model, self.hidden_states)
+            return LocalTeacher(prepared, self.accelerator.unwrap_model, self.hidden_states)
         args = self.args
         client = TeacherServerClient(
             teacher_model, timeout=args.teacher_request_timeout, max_retries=args.teacher_max_retries
@@ -204,6 +230,8 @@ class OPDTrainer(DistillationTrainer):
         metrics["opd/repetition_rate"].append(repetitive / max(count, 1))
         if isinstance(self.teacher, CachedTeacher):
             output.update(cached_batch(inputs, output["completion_ids"], output["completion_mask"]))
+        if isinstance(self.teacher, TeacherRouter):
+            output[TEACHER_INDEX] = torch.tensor(self.teacher.indices(inputs), device=loss_mask.device)
         if self.args.gold_sft_weight > 0:
             prompts = [ids[mask.bool()].tolist() for ids, mask in zip(output["prompt_ids"], output["prompt_mask"])]
             gold_ids, gold_mask = padded_completions(
@@ -215,10 +243,17 @@ class OPDTrainer(DistillationTrainer):
         return output
 
     def _generate_single_turn(self, prompt_ids, images, multimodal_fields, has_tool_images=False):
-        def generate() -> list[list[int]]:
-            return super(OPDTrainer, self)._generate_single_turn(
-                prompt_ids, images, multimodal_fields, has_tool_images
-            )
+        def generate(rows: list[int]) -> list[list[int]]:
+            if len(rows) == len(prompt_ids):
+                return super(OPDTrainer, self)._generate_single_turn(
+                    prompt_ids, images, multimodal_fields, has_tool_images
+                )
+            if images is not None or multimodal_fields:
+                raise ValueError(
+                    "Several teachers writing the prefixes of one batch need text-only prompts; with images use "
+                    "`prefix_source='student'` or one teacher."
+                )
+            return super(OPDTrainer, self)._generate_single_turn([prompt_ids[i] for i in rows], None, {}, False)
 
         return self.prefixes.write(prompt_ids, generate)
 
@@ -269,11 +304,6 @@ class OPDTrainer(DistillationTrainer):
         mask = inputs["loss_mask"].to(student_head.weight.device).bool()
         student_hidden = self.hidden_states.trainable(unwrapped_student, inputs).to(mask.device)[mask]
         teacher = self.teacher.at_positions(inputs, mask, args.resolved_teacher_temperature, args.loss_top_k)
-        if isinstance(teacher, Positions) and teacher.head.weight.device != student_head.weight.device:
-            raise ValueError(
-                f"The student `lm_head` is on {student_head.weight.device} but the teacher's is on "
-                f"{teacher.head.weight.device}. Place both heads on the same device in their `device_map`."
-            )
         gold = gold_ids = reference = None
         if objective.uses("ref_kl"):
             reference = self.reference.at_positions(unwrapped_student, inputs, mask, args.temperature)
@@ -282,16 +312,21 @@ class OPDTrainer(DistillationTrainer):
             hidden = self.hidden_states.trainable(unwrapped_student, inputs, "gold_ids", "gold_mask")
             gold, gold_ids = Positions(hidden.to(mask.device)[gold_mask], student_head), inputs["gold_ids"][gold_mask]
         token_ids = inputs["completion_ids"].to(mask.device)[mask]
-        student = Positions(student_hidden, student_head)
-        return LossBatch(student, teacher, token_ids, reference, gold, gold_ids), mask
+        batch = LossBatch(Positions(student_hidden, student_head), teacher, token_ids, reference, gold, gold_ids)
+        for answer in batch.answers:
+            if isinstance(answer, Positions) and answer.head.weight.device != student_head.weight.device:
+                raise ValueError(
+                    f"The student `lm_head` is on {student_head.weight.device} but the teacher's is on "
+                    f"{answer.head.weight.device}. Place both heads on the same device in their `device_map`."
+                )
+        return batch, mask
 
     def _compute_loss(self, unwrapped_student, inputs, num_items_in_batch):
         objective = Objective.from_args(self.args)
         training = self.model.training
-        # token diagnostics compare whole distributions: a served teacher gives only its top-k
-        local = isinstance(self.teacher, LocalTeacher)
-        diagnose = local and diagnostics_due(self.args, training, self._step, self.state.global_step)
-        self.metric_buffer.start(objective.metric_names + (diagnostic_names(self.args) if diagnose else []))
+        diagnosed = diagnosed_teachers(self.teacher)
+        diagnose = bool(diagnosed) and diagnostics_due(self.args, training, self._step, self.state.global_step)
+        self.metric_buffer.start(objective.metric_names + per_teacher_names(self.teacher, self.args, diagnose))
         batch, mask = self._loss_batch(objective, unwrapped_student, inputs)
         value = objective.evaluate(batch)
         if not self._all_ranks_finite(batch, value):  # every rank skips this micro-batch (or all raised)
@@ -302,8 +337,8 @@ class OPDTrainer(DistillationTrainer):
         if value.per_gold_token is not None:  # normalised over the global batch's gold tokens, like the loss
             gold_items = inputs["gold_num_items"].clamp(min=1) / self.accelerator.num_processes
             loss = loss + value.per_gold_token.sum() / (gold_items if training else max(batch.gold_ids.numel(), 1))
-        if diagnose:
-            self.metric_buffer.record(batch_diagnostics(batch, objective, inputs["completion_ids"], mask, self.args))
+        repeated = repeated_token_mask(inputs["completion_ids"].cpu()).to(mask.device)[mask] if diagnose else None
+        self.metric_buffer.record(per_teacher_metrics(batch, objective, value, repeated, diagnosed, self.args))
         return loss, value.entropy.sum(), mask.sum()
 
     def _all_ranks_finite(self, batch: LossBatch, value) -> bool:

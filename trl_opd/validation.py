@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from datasets import Dataset, IterableDataset
@@ -11,6 +12,7 @@ from .chunked import TEACHER_TOPK_SUPPORTS
 from .config import TOPK_SUPPORTS, OPDConfig
 from .served_teacher import is_served
 from .teacher_cache import has_cache
+from .teacher_routing import check_teacher_column
 
 
 def vocab_size(model: PreTrainedModel) -> int:
@@ -60,7 +62,9 @@ def validate_inputs(
     eval_dataset: Any,
     tools: list | None,
 ) -> None:
-    """What can be checked before TRL loads anything: the teacher, the datasets' columns, tools, vocabularies."""
+    """What can be checked before TRL loads anything: the teacher(s), the datasets' columns, tools, vocabularies."""
+    if isinstance(teacher_model, Mapping):
+        validate_teacher_dict(args, teacher_model, train_dataset, eval_dataset)
     cached = teacher_model is None
     if cached and not (has_cache(train_dataset) and args.prefix_source == "dataset"):
         raise ValueError(
@@ -74,16 +78,49 @@ def validate_inputs(
     needs_completion = uses_dataset or args.gold_sft_weight > 0
     validate_prompt_dataset(train_dataset, "train_dataset", needs_completion=needs_completion)
     validate_prompt_dataset(eval_dataset, "eval_dataset", needs_completion=needs_completion)
+    teacher_prefixes = args.prefix_source == "teacher" or (
+        args.prefix_source == "mixed" and args.off_policy_source == "teacher"
+    )
+    if tools and teacher_prefixes and isinstance(teacher_model, Mapping):
+        raise ValueError(
+            "Tool calling with teacher-written prefixes needs one teacher: with several, use `prefix_source='student'`."
+        )
     if tools and uses_dataset:
         raise ValueError(
             "Tool calling needs generated completions; with tools use `prefix_source` 'student'/'teacher'."
         )
-    if isinstance(model, PreTrainedModel) and isinstance(teacher_model, PreTrainedModel):
-        check_vocabularies(model, teacher_model)
-    if is_served(teacher_model) or cached:
-        validate_topk_teacher(
-            args, f"the served teacher at {teacher_model}" if teacher_model else "the cached teacher"
-        )
+    teachers = teacher_model if isinstance(teacher_model, Mapping) else {None: teacher_model}
+    for name, teacher in teachers.items():
+        if isinstance(model, PreTrainedModel) and isinstance(teacher, PreTrainedModel):
+            check_vocabularies(model, teacher)
+        if is_served(teacher):
+            validate_topk_teacher(args, f"the served teacher {name + ' ' if name else ''}at {teacher}")
+    if cached:
+        validate_topk_teacher(args, "the cached teacher")
+
+
+def validate_teacher_dict(
+    args: OPDConfig, teachers: Mapping[Any, Any], train_dataset: Any, eval_dataset: Any
+) -> None:
+    """Several teachers: string names, each a model, id/path or URL, and every row naming one of them."""
+    if not teachers:
+        raise ValueError("`teacher_model` is an empty dict: give {name: model | id/path | URL} for each teacher.")
+    for name, teacher in teachers.items():
+        if not isinstance(name, str) or not name or "/" in name:
+            raise ValueError(
+                f"Teacher names must be non-empty strings without '/' (they name metrics `opd/loss/<name>`), got "
+                f"{name!r}."
+            )
+        if teacher is None or isinstance(teacher, Mapping):
+            raise ValueError(
+                f"Teacher {name!r} is {type(teacher).__name__}: each teacher of the dict is a model, a model id/path "
+                "or the http(s) URL of a served teacher (a cached top-k serves one teacher, with `teacher_model=None`)."
+            )
+    names = list(teachers)
+    check_teacher_column(train_dataset, args.teacher_column, names, "train")
+    evals = eval_dataset.items() if isinstance(eval_dataset, dict) else [("eval", eval_dataset)]
+    for split, dataset in evals:
+        check_teacher_column(dataset, args.teacher_column, names, str(split))
 
 
 def validate_topk_teacher(args: OPDConfig, teacher: str) -> None:
@@ -98,11 +135,6 @@ def validate_topk_teacher(args: OPDConfig, teacher: str) -> None:
         raise ValueError(
             f"`eopd_coef > 0` gates on the teacher's full-vocabulary entropy, which {teacher} does not give. Set "
             "`eopd_coef=0`, or use a local teacher."
-        )
-    if args.prefix_source == "teacher" or (args.prefix_source == "mixed" and args.off_policy_source == "teacher"):
-        raise ValueError(
-            f"Teacher-written prefixes from {teacher} are not supported. Use `prefix_source` 'student' or 'dataset' "
-            "(or `off_policy_source='dataset'` under 'mixed'), or a local teacher."
         )
 
 
