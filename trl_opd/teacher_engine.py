@@ -10,7 +10,10 @@ The JSON shapes are vLLM's pydantic models, as stored in `vllm-project/vllm` (th
   rank) and the top-k of the distribution predicting position `p`, ranked 1..k (`k=-1`: the whole vocabulary). This is
   `VLLMClient.get_sequence_logprobs`'s scoring call (`max_tokens: 1`). `max_tokens` tokens are then sampled at
   `temperature` (optional `seed`); `logprobs: k` returns their `CompletionLogProbs`, `return_token_ids: true` their
-  ids.
+  ids (`token_ids`) and the prompt's (`prompt_token_ids`). Sampling stops on an EOS id (the tokenizer's and the
+  generation config's, unless `ignore_eos`) or one of `stop_token_ids`: `finish_reason` "stop", `stop_reason` None
+  for the tokenizer's EOS else the token id (vLLM's `check_stop`), and the stop token is the last of `token_ids` but
+  not in `text` (vLLM's detokenizer skips it). Otherwise `finish_reason` is "length" after `max_tokens` tokens.
 - `POST /tokenize` (`prompt` or chat `messages`) -> `TokenizeResponse`; `POST /detokenize` -> `DetokenizeResponse`.
 
 Logprobs are `log_softmax(logits / temperature)` in float32, clamped at -9999.0 as vLLM's `clamp_prompt_logprobs`.
@@ -43,7 +46,7 @@ _NEUTRAL = {
     **dict.fromkeys(
         ["suffix", "prompt_embeds", "logprob_token_ids", "structured_outputs", "response_format"], (None,)
     ),
-    **dict.fromkeys(["logit_bias", "stop", "stop_token_ids"], (None, [], {}, "")),
+    **dict.fromkeys(["logit_bias", "stop"], (None, [], {}, "")),
 }
 
 
@@ -86,8 +89,8 @@ class TeacherEngine:
         self.vocab_size = model.get_output_embeddings().weight.shape[0]
         self.max_model_len = int(getattr(model.config, "max_position_embeddings", None) or tokenizer.model_max_length)
         eos = getattr(model.generation_config, "eos_token_id", None)
-        eos = tokenizer.eos_token_id if eos is None else eos
-        self.eos_ids = set(eos) if isinstance(eos, list) else {eos} - {None}
+        # vLLM stops on the tokenizer's EOS and adds the generation config's to the stop ids
+        self.eos_ids = {tokenizer.eos_token_id, *(eos if isinstance(eos, list) else [eos])} - {None}
         self.lock = threading.Lock()
         self.decode = lru_cache(maxsize=None)(lambda token_id: tokenizer.decode([token_id]))
 
@@ -168,13 +171,16 @@ class TeacherEngine:
         seed = body["seed"] if _is_int(body.get("seed")) else secrets.randbits(63)
         generator = torch.Generator(device=self.device).manual_seed(seed)
         step, past, generated, steps, finish_reason = logprobs[-1], out.past_key_values, [], [], "length"
+        stop_reason = None
         for _ in range(max_tokens):
             token = int(torch.multinomial(step.exp(), 1, generator=generator))
             generated.append(token)
             if logprobs_k is not None:
                 steps.append(self._position_logprobs(step[None], [token], logprobs_k)[0])
-            if token in self.eos_ids and not body.get("ignore_eos"):
+            if token in sampling["stop_ids"]:
                 finish_reason = "stop"
+                primary = token == self.tokenizer.eos_token_id and not body.get("ignore_eos")
+                stop_reason = None if primary else token
                 break
             if len(generated) == max_tokens:
                 break
@@ -183,10 +189,12 @@ class TeacherEngine:
         return_ids = bool(body.get("return_token_ids"))
         choice = {
             "index": 0,
-            "text": self.tokenizer.decode(generated, skip_special_tokens=True),
+            "text": self.tokenizer.decode(
+                generated[: len(generated) - (finish_reason == "stop")], skip_special_tokens=True
+            ),
             "logprobs": None if logprobs_k is None else self._completion_logprobs(generated, steps, logprobs_k, body),
             "finish_reason": finish_reason,
-            "stop_reason": None,
+            "stop_reason": stop_reason,
             "token_ids": generated if return_ids else None,
             "prompt_logprobs": prompt_logprobs,
             "prompt_token_ids": ids if return_ids else None,
@@ -226,6 +234,10 @@ class TeacherEngine:
         max_tokens = _int_field(body, "max_tokens", 16, 1)
         sampling = {"temperature": float(temperature), "max_tokens": max_tokens}
         sampling |= {name: _int_field(body, name, None, 0, True) for name in ("prompt_logprobs", "logprobs")}
+        stop_ids = body.get("stop_token_ids") or []
+        if not isinstance(stop_ids, list) or not all(map(_is_int, stop_ids)):
+            raise RequestError("`stop_token_ids` must be a list of integer token ids.", param="stop_token_ids")
+        sampling["stop_ids"] = set(stop_ids) | (set() if body.get("ignore_eos") else self.eos_ids)
         prompts = self._prompts(body)
         if (longest := max(map(len, prompts))) + max_tokens > self.max_model_len:
             message = f"This model's maximum context length is {self.max_model_len} tokens, but {longest} prompt"
