@@ -22,6 +22,7 @@ from trl_opd.toy import build_model
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURE = json.loads((ROOT / "tests" / "fixtures" / "vllm_completion_prompt_logprobs.json").read_text())
+GENERATION = json.loads((ROOT / "tests" / "fixtures" / "vllm_completion_token_ids.json").read_text())
 KEY = "test-key-not-a-secret"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 TIMEOUT = 60
@@ -240,3 +241,45 @@ def test_serve_in_process_generates_from_token_ids(saved_teacher, tokenizer):
             assert math.isclose(value, expected[2 + step, token].item(), abs_tol=1e-5)
     finally:
         server.shutdown()
+
+
+def test_generation_has_vllms_shape_and_stop_semantics(server, tokenizer):
+    """`ServedTeacher.generate`'s request (the fixture's, on toy ids) answered as vLLM: same keys and types; choices in
+    prompt order echoing `prompt_token_ids`; "stop" ends `token_ids` with the stop token, which `text` leaves out
+    (`stop_reason` None for the tokenizer's EOS, else the id); "length" gives exactly `max_tokens` ids."""
+    prompts, eos = [SEQUENCES[0][:4], SEQUENCES[1][:5]], tokenizer.eos_token_id
+    theirs = {key: value for key, value in GENERATION.items() if not key.startswith("_")}
+    their_choice = theirs["choices"][0]
+    base = GENERATION["_request"] | {"model": None, "prompt": prompts, "max_tokens": 64, "temperature": 1.0}
+    # Seeds 6 and 1: the toy teacher draws its EOS within 64 tokens, or never; then a drawn token made a stop id.
+    first = post(server, "/v1/completions", base | {"seed": 6, "stop_token_ids": [eos]}).json()
+    stop_id = first["choices"][0]["token_ids"][1]
+    requests_sent = [base | {"seed": 6, "stop_token_ids": [eos]}, base | {"seed": 1, "stop_token_ids": [eos]}]
+    requests_sent.append(base | {"seed": 6, "stop_token_ids": [stop_id]})
+    endings = set()
+    for request in requests_sent:
+        ours = post(server, "/v1/completions", request).json()
+        assert list(ours) == list(theirs) and list(ours["usage"]) == list(theirs["usage"])
+        for key in theirs:
+            assert_same_type(ours[key], theirs[key], key)
+        assert ours["usage"]["completion_tokens"] == sum(len(choice["token_ids"]) for choice in ours["choices"])
+        for index, (choice, prompt) in enumerate(zip(ours["choices"], prompts, strict=True)):
+            assert list(choice) == list(their_choice) and choice["index"] == index
+            for key in their_choice:
+                assert_same_type(choice[key], their_choice[key], f"choices[{index}].{key}")
+            ids, reason = choice["token_ids"], choice["finish_reason"]
+            assert choice["prompt_token_ids"] == prompt and all(isinstance(token, int) for token in ids)
+            if reason == "stop":
+                assert ids[-1] in request["stop_token_ids"] and not set(ids[:-1]) & set(request["stop_token_ids"])
+                assert choice["stop_reason"] == (None if ids[-1] == eos else ids[-1])
+                assert choice["text"] == tokenizer.decode(ids[:-1], skip_special_tokens=True)
+            else:
+                assert reason == "length" and len(ids) == 64 and choice["stop_reason"] is None
+                assert choice["text"] == tokenizer.decode(ids, skip_special_tokens=True)
+            endings.add((reason, choice["stop_reason"]))
+    assert endings == {("stop", None), ("length", None), ("stop", stop_id)}, "every ending is exercised"
+
+
+def test_stop_token_ids_must_be_integers(server):
+    response = post(server, "/v1/completions", {"prompt": [1, 2], "stop_token_ids": ["2"]})
+    assert response.status_code == 400 and response.json()["error"]["param"] == "stop_token_ids"

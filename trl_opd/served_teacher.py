@@ -8,9 +8,14 @@ The protocol is TRL's `VLLMClient.get_sequence_logprobs` (`trl/generation/vllm_c
 That staticmethod is reused here on the class; `VLLMClient` itself is not, as it refuses to construct without the
 `vllm` package, which a training node that only talks to a server does not need.
 
-`TeacherServerClient` is the transport (health, model id, scoring, tokenization; bounded retries; a bearer API key
-that never reaches a message or a repr). `ServedTeacher` is the `teachers.Teacher` seam on top of it: the teacher's
-top-k at the loss positions of a batch, as `teachers.TeacherTopK`.
+Teacher-written prefixes use the same endpoint as TRL's `VLLMClient.generate`: token-id prompts with `max_tokens`,
+`temperature`, `stop_token_ids` (the trainer's EOS ids) and `return_token_ids: true` (vLLM >= 0.10.2, vllm#22587),
+read from `choices[i].token_ids` (the sampled ids, the stop token last when `finish_reason` is "stop", as vLLM's
+`check_stop` appends it before stopping) in `choices[i].index` order, checked against `prompt_token_ids`.
+
+`TeacherServerClient` is the transport (health, model id, scoring, sampling, tokenization; bounded retries; a bearer
+API key that never reaches a message or a repr). `ServedTeacher` is the `teachers.Teacher` seam on top of it: the
+teacher's top-k at the loss positions of a batch, as `teachers.TeacherTopK`, and its sampled completions.
 """
 
 from __future__ import annotations
@@ -177,17 +182,10 @@ class TeacherServerClient:
             "temperature": temperature,
             "prompt_logprobs": top_k,
         }
-        body = self._request("POST", endpoint, payload)
-        choices = body.get("choices") if isinstance(body, dict) else None
-        if not isinstance(choices, list):
-            raise self._malformed(endpoint, "field `choices` is missing or not a list")
-        if len(choices) != len(sequences):
-            raise self._malformed(endpoint, f"{len(choices)} `choices` for {len(sequences)} sequences")
-        if all(isinstance(choice, dict) and isinstance(choice.get("index"), int) for choice in choices):
-            choices = sorted(choices, key=lambda choice: choice["index"])
+        choices = self._choices(endpoint, self._request("POST", endpoint, payload), len(sequences))
         results = []
         for i, (choice, sequence, prompt_length) in enumerate(zip(choices, sequences, prompt_lengths, strict=True)):
-            logprobs = choice.get("prompt_logprobs") if isinstance(choice, dict) else None
+            logprobs = choice.get("prompt_logprobs")
             if not isinstance(logprobs, list):
                 raise self._malformed(endpoint, f"field `choices[{i}].prompt_logprobs` is missing or not a list")
             if len(logprobs) != len(sequence):
@@ -199,6 +197,52 @@ class TeacherServerClient:
             except (KeyError, TypeError, ValueError, AttributeError) as exc:
                 problem = f"`choices[{i}].prompt_logprobs` entries need `logprob` and `rank` ({exc!r})"
                 raise self._malformed(endpoint, problem) from None
+        return results
+
+    def _choices(self, endpoint: str, body: Any, count: int) -> list[dict]:
+        """`body["choices"]` in prompt order: `count` objects whose `index` fields are 0..count-1 (vLLM numbers
+        them prompt-major; with n = 1, choice i answers prompt i)."""
+        choices = body.get("choices") if isinstance(body, dict) else None
+        if not isinstance(choices, list):
+            raise self._malformed(endpoint, "field `choices` is missing or not a list")
+        if len(choices) != count:
+            raise self._malformed(endpoint, f"{len(choices)} `choices` for {count} sequences")
+        indices = [choice.get("index") if isinstance(choice, dict) else None for choice in choices]
+        if not all(isinstance(index, int) for index in indices) or sorted(indices) != list(range(count)):
+            raise self._malformed(endpoint, f"`choices[].index` are {indices}, not 0..{count - 1}")
+        return sorted(choices, key=lambda choice: choice["index"])
+
+    def generate(
+        self,
+        prompts: list[list[int]],
+        max_tokens: int,
+        temperature: float,
+        stop_token_ids: list[int],
+        seed: int | None = None,
+    ) -> list[tuple[list[int], str]]:
+        """Per prompt, in order, the `token_ids` the server sampled at `temperature` (at most `max_tokens`, stopping
+        after an EOS or one of `stop_token_ids`) and its `finish_reason` ("stop" or "length")."""
+        if max_tokens < 1 or temperature <= 0:
+            raise ValueError(f"Need max_tokens >= 1 and temperature > 0, got {max_tokens} and {temperature}.")
+        endpoint = "/v1/completions"
+        payload = {"model": self.model, "prompt": prompts, "n": 1, "max_tokens": max_tokens}
+        payload |= {"temperature": temperature, "stop_token_ids": stop_token_ids, "return_token_ids": True}
+        if seed is not None:
+            payload["seed"] = seed
+        choices = self._choices(endpoint, self._request("POST", endpoint, payload), len(prompts))
+        results = []
+        for i, (choice, prompt) in enumerate(zip(choices, prompts)):
+            ids, finish_reason = choice.get("token_ids"), choice.get("finish_reason")
+            if not isinstance(ids, list) or not all(isinstance(token, int) for token in ids):
+                problem = f"`choices[{i}].token_ids` is missing or not a list of integers"
+                raise self._malformed(endpoint, f"{problem} (`return_token_ids` needs vLLM >= 0.10.2)")
+            if choice.get("prompt_token_ids") not in (None, prompt):
+                raise self._malformed(endpoint, f"`choices[{i}].prompt_token_ids` is not prompt {i}: out of order?")
+            if finish_reason not in ("stop", "length"):
+                raise self._error(
+                    endpoint, f"ended completion {i} with finish_reason {finish_reason!r}", "Check the server's logs."
+                )
+            results.append((ids, finish_reason))
         return results
 
     def tokenize(self, text: str) -> list[int]:
@@ -255,6 +299,50 @@ class ServedTeacher:
                     "`teacher_temperature=1.0`."
                 )
         return model
+
+    def generate(
+        self,
+        prompt_ids: list[list[int]],
+        max_tokens: int,
+        temperature: float,
+        eos_token_ids: list[int],
+        *,
+        seed: int | None = None,
+    ) -> list[list[int]]:
+        """Teacher-written completions, sampled by the server at `temperature` (applied there, once), in one request.
+
+        Per prompt, the completion ids as TRL's `_generate_single_turn` returns them: up to and including the first of
+        `eos_token_ids` when the teacher stopped, else `max_tokens` ids (fewer only at the server's context length).
+        The EOS ids go as `stop_token_ids`, so the server stops on the trainer's EOS set. An empty completion, one
+        longer than `max_tokens`, one stopped on a token that is not an EOS id, or an id outside the student's
+        vocabulary raises `TeacherServerError`: a completion is never silently shortened or emptied.
+        """
+        if not eos_token_ids:
+            raise ValueError("`eos_token_ids` must name at least one end-of-sequence token id.")
+        if not prompt_ids:
+            return []
+        eos, endpoint = set(eos_token_ids), "/v1/completions"
+        sampled = self.client.generate(prompt_ids, max_tokens, temperature, sorted(eos), seed)
+        completions = []
+        for i, (ids, finish_reason) in enumerate(sampled):
+            ends = [position for position, token in enumerate(ids) if token in eos]
+            completion = ids[: ends[0] + 1] if ends else ids
+            if not completion:
+                problem = "an empty completion"
+            elif len(ids) > max_tokens:
+                problem = f"{len(ids)} tokens for max_tokens={max_tokens}"
+            elif finish_reason == "stop" and not ends:
+                problem = f"finish_reason 'stop' after token {ids[-1]}, which is none of the EOS ids {sorted(eos)}"
+            elif not all(0 <= token < self.vocab_size for token in completion):
+                problem = f"a token id outside the student's vocabulary (size {self.vocab_size}): {completion}"
+            else:
+                completions.append(completion)
+                continue
+            raise TeacherServerError(
+                f"Teacher server at {self.client.url}: {endpoint} returned {problem} for prompt {i}. Serve a teacher "
+                "with the student's tokenizer and EOS tokens (`trl-opd serve-teacher`, or `vllm serve` >= 0.10.2)."
+            )
+        return completions
 
     def at_positions(self, inputs: dict[str, Any], mask: torch.Tensor, temperature: float, top_k: int) -> TeacherTopK:
         """Scores every row with a masked position in one request: the unpadded prompt (`prompt_mask`, left-padded)
