@@ -168,3 +168,37 @@ def test_malformed_teacher_dicts_are_refused(tokenizer, tmp_path, teacher_model,
         OPDTrainer(
             build_model(tokenizer), teacher_model, make_config(tmp_path), routed_dataset(), processing_class=tokenizer
         )
+
+
+def test_a_streamed_row_naming_no_teacher_fails_at_its_batch(tokenizer):
+    """An `IterableDataset` is not read at construction: the router checks each batch's rows."""
+    from trl_opd.teacher_routing import TeacherRouter
+
+    router = TeacherRouter({"alpha": object(), "beta": object()}, "teacher")
+    assert router.indices([{"teacher": "beta"}, {"teacher": "alpha"}]) == [1, 0]
+    with pytest.raises(ValueError, match=r"names teacher None in column 'teacher', but the teachers are \['alpha'"):
+        router.indices([{"teacher": "alpha"}, {"prompt": "no teacher"}])
+
+
+def test_one_served_teacher_writes_the_teacher_prefixes(tokenizer, tmp_path):
+    """`prefix_source='teacher'` with a served teacher: the completions are sampled by the server."""
+    server = serve(biased_teacher(tokenizer, "b", seed=1), tokenizer, port=0, served_model_name="beta")
+    try:
+        args = make_config(tmp_path, max_steps=1, prefix_source="teacher", loss_support="teacher_topk", loss_top_k=4)
+        trainer = OPDTrainer(
+            build_model(tokenizer, hidden_size=32, num_layers=1, seed=5),
+            server.url,
+            args,
+            routed_dataset(),
+            processing_class=tokenizer,
+        )
+        seen = []
+        compute_loss = trainer._compute_loss
+        trainer._compute_loss = lambda model, inputs, n: seen.append(inputs["completion_ids"]) or compute_loss(
+            model, inputs, n
+        )
+        trainer.train()
+    finally:
+        server.shutdown()
+    favourite = tokenizer.convert_tokens_to_ids("b")
+    assert seen[0].tolist() == [[favourite] * args.max_completion_length] * len(seen[0])
