@@ -1,8 +1,9 @@
 """Release check: every backend × every cell of `tests/distributed/cells.py` against the single-process reference.
 
 CI (`tests/test_distributed_matrix.py`) runs each backend on its own row of cells only; this runs the full cross
-product (4 backends × 20 cells on CPU, two processes each) and prints a table backend × cell → pass/FAIL, then the
-first problem of each failure. Exit status 1 if any cell fails.
+product (4 backends × 21 cells, the served-teacher cell included, on CPU, two processes each) and prints a table
+backend × cell → pass/FAIL, then the first problem of each failure. Exit status 1 if any cell fails. Served cells get
+a loopback teacher server from the harness for the duration of their launch.
 
     PYTHONPATH=. .venv/bin/python scripts/distributed_matrix.py                  # everything
     PYTHONPATH=. .venv/bin/python scripts/distributed_matrix.py --backends zero3 --ci   # one backend's CI row

@@ -40,7 +40,7 @@ from cells import (  # noqa: E402
 pytestmark = pytest.mark.slow
 HAS_DEEPSPEED = importlib.util.find_spec("deepspeed") is not None
 # Wall-clock limits (seconds) of each launch, killed beyond: on an idle 2-core machine the reference (26 cells) takes
-# ~20 s, a backend launch (5 cells) 15-20 s, a fault launch 10-40 s; DeepSpeed's first run on a machine also builds its
+# ~20 s, a backend launch (6 cells) 15-25 s, a fault launch 10-40 s; DeepSpeed's first run on a machine also builds its
 # shm comm op (~100 s).
 REFERENCE_TIMEOUT = 300
 MATRIX_TIMEOUT = 300

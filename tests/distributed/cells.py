@@ -3,8 +3,10 @@
 A cell is one prefix source × one loss support × a few extras (stabilisers, diagnostics, callbacks, gradient
 accumulation). The catalogue has one cell per (backend, support) slot of a 4 × 5 latin square: the prefix of slot
 (i, j) is `PREFIXES[(i + j) % 4]`, so the 20 cells cover every valid (prefix, support) pair, and each backend's row of
-5 cells covers every prefix, every support and (placed greedily) every extra. CI runs each backend on its own row;
-a release (`scripts/distributed_matrix.py`) runs every backend on every cell, the full cross product.
+5 cells covers every prefix, every support and (placed greedily) every extra. Every row also ends with
+`SERVED_CELL`: the teacher served over HTTP by one loopback `trl-opd serve-teacher` server that the harness starts
+and both ranks share, each scoring its own rows. CI runs each backend on its own row; a release
+(`scripts/distributed_matrix.py`) runs every backend on every cell, the full cross product.
 """
 
 from __future__ import annotations
@@ -31,7 +33,13 @@ EXTRAS = (  # in the order they are placed: the most constrained first
     "curriculum",  # EntropyGatedLengthCurriculum climbing [4, 8] after step 1
     "grad_accum",  # gradient_accumulation_steps=2 with half the per-device batch
 )
-FEATURES = (*(f"prefix:{p}" for p in PREFIXES), *(f"support:{s}" for s in SUPPORTS), *EXTRAS, "diagnostics")
+FEATURES = (
+    *(f"prefix:{p}" for p in PREFIXES),
+    *(f"support:{s}" for s in SUPPORTS),
+    *EXTRAS,
+    "diagnostics",
+    "teacher:served",
+)
 GLOBAL_BATCH = 4  # completions per optimizer step, whatever the number of processes
 MAX_STEPS = 3
 SEED = 4  # under "mixed" (fraction 0.5), steps 0, 1, 2 draw student, off-policy, off-policy
@@ -47,19 +55,27 @@ class Cell:
     extras: frozenset[str] = field(default_factory=frozenset)  # EXTRAS other than "grad_accum"
     accumulation: int = 1  # gradient_accumulation_steps ("grad_accum" when > 1)
     fault: str | None = None  # "nan_teacher": the teacher's final norm returns NaN on FAULT_RANK at FAULT_STEP
+    served: bool = False  # the teacher is the harness's loopback server (`run_matrix.py --teacher_url`)
 
     @property
     def name(self) -> str:
         extras = [extra for extra in EXTRAS if extra in self.extras]
         accumulation = [f"ga{self.accumulation}"] if self.accumulation > 1 else []
         return "+".join(
-            [f"{self.prefix}-{self.support}-{self.direction}", *extras, *accumulation, *filter(None, [self.fault])]
+            [
+                f"{self.prefix}-{self.support}-{self.direction}",
+                *extras,
+                *accumulation,
+                *filter(None, [self.fault]),
+                *["served"] * self.served,
+            ]
         )
 
     @property
     def features(self) -> set[str]:
         grad_accum = {"grad_accum"} if self.accumulation > 1 else set()
-        return {f"prefix:{self.prefix}", f"support:{self.support}", *self.extras, *grad_accum, "diagnostics"}
+        served = {"teacher:served"} if self.served else set()
+        return {f"prefix:{self.prefix}", f"support:{self.support}", *self.extras, *grad_accum, "diagnostics", *served}
 
     def overrides(self, num_processes: int) -> dict[str, Any]:
         """`OPDConfig` keyword arguments: the same global batch of `GLOBAL_BATCH` rows for any process count."""
@@ -144,7 +160,9 @@ def _row(backend_index: int) -> list[Cell]:
     ]
 
 
-CI_CELLS: dict[str, list[Cell]] = {backend: _row(i) for i, backend in enumerate(BACKENDS)}
+# The served teacher: on-policy (student prefixes) with the top-k a server gives, both KL directions.
+SERVED_CELL = Cell("student", "teacher_topk", "mixed", served=True)
+CI_CELLS: dict[str, list[Cell]] = {backend: [*_row(i), SERVED_CELL] for i, backend in enumerate(BACKENDS)}
 CELLS: dict[str, Cell] = {cell.name: cell for row in CI_CELLS.values() for cell in row}
 # The NaN-on-one-rank fault under each `nonfinite_policy`, on dataset prefixes (no generation: only the loss's teacher
 # forward runs the hooked norm).

@@ -1,5 +1,9 @@
 """Driving `run_matrix.py`: launch a backend (or the single-process reference) on some cells, and check a cell's
-result against the reference. Shared by `tests/test_distributed_matrix.py` and `scripts/distributed_matrix.py`."""
+result against the reference. Shared by `tests/test_distributed_matrix.py` and `scripts/distributed_matrix.py`.
+
+A launch with served cells (`Cell.served`) first serves the pair's teacher with `trl_opd.teacher_server.serve` on a
+free loopback port, in a thread of this process: one server for all ranks (and for the reference), as one
+`trl-opd serve-teacher` would be in a deployment, stopped when the launch ends."""
 
 from __future__ import annotations
 
@@ -17,7 +21,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from cells import MAX_STEPS  # tests/distributed is on sys.path, as run_matrix.py imports it
+from cells import MAX_STEPS, lookup  # tests/distributed is on sys.path, as run_matrix.py imports it
+from run_matrix import build_pair
+
+from trl_opd.teacher_server import TeacherServer, serve
+from trl_opd.toy import build_tokenizer
 
 ROOT = Path(__file__).resolve().parents[2]
 RUNNER = ROOT / "tests/distributed/run_matrix.py"
@@ -76,6 +84,22 @@ def launch(
     """Run `cells` under `backend` (two processes) or, for `backend=None`, in one plain Python process."""
     out.mkdir(parents=True, exist_ok=True)
     arguments = [str(RUNNER), "--out", str(out), "--collective_timeout", str(collective_timeout), "--cells", *cells]
+    server = serve_teacher() if any(lookup(name).served for name in cells) else None
+    try:
+        return _launch(backend, arguments + (["--teacher_url", server.url] if server else []), out, timeout)
+    finally:
+        if server is not None:
+            server.shutdown()
+
+
+def serve_teacher() -> TeacherServer:
+    """`run_matrix.build_pair`'s teacher, served on a free loopback port."""
+    tokenizer = build_tokenizer()
+    return serve(build_pair(tokenizer)["teacher"], tokenizer, port=0, served_model_name="matrix-teacher")
+
+
+def _launch(backend: str | None, arguments: list[str], out: Path, timeout: float) -> Launch:
+    """Run `run_matrix.py` with `arguments` in one process or two, killed after `timeout` seconds."""
     if backend is None:
         command, world_size = [sys.executable, *arguments], 1
     else:

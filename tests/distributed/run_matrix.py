@@ -3,7 +3,8 @@
 Run under `accelerate launch` (two processes: DDP, ZeRO-2, ZeRO-3, FSDP2) or with plain `python` (the single-process
 reference of the same global batch). Per rank it writes `rank{r}.json` after every cell ({cell: result}) and
 `weights/{cell}.rank{r}.pt` (the student's full final parameters, gathered under ZeRO-3 and FSDP2); the main process
-also writes `weights/initial.pt`. A cell that raises is recorded with its error and the next one runs; the process
+also writes `weights/initial.pt`. A served cell's teacher is the server at --teacher_url (the harness serves
+`build_pair`'s teacher there). A cell that raises is recorded with its error and the next one runs; the process
 group times out after --collective_timeout seconds, so a rank left alone in a collective fails instead of hanging.
 
 Determinism across process counts: every cell generates greedily (or takes teacher/dataset prefixes, the teacher's
@@ -153,7 +154,9 @@ def backend_of(trainer: OPDTrainer) -> dict[str, Any]:
     }
 
 
-def run_cell(cell: Cell, tokenizer, models: dict[str, str] | None, out: Path) -> dict[str, Any]:
+def run_cell(
+    cell: Cell, tokenizer, models: dict[str, str] | None, out: Path, teacher_url: str | None = None
+) -> dict[str, Any]:
     """Train one cell; return what this rank saw (rows, prefixes, logs, warnings) and its weights' checksums."""
     state = PartialState()
     result: dict[str, Any] = {"rows": [], "student_prefix": [], "completions": []}
@@ -173,9 +176,11 @@ def run_cell(cell: Cell, tokenizer, models: dict[str, str] | None, out: Path) ->
             **cell.overrides(state.num_processes),
         )
         pair = models or build_pair(tokenizer)
+        if cell.served and teacher_url is None:
+            raise ValueError(f"{cell.name} needs the served teacher's URL: run with --teacher_url.")
         trainer = OPDTrainer(
             model=pair["student"],
-            teacher_model=pair["teacher"],
+            teacher_model=teacher_url if cell.served else pair["teacher"],
             args=args,
             train_dataset=matrix_dataset(),
             processing_class=tokenizer,
@@ -238,6 +243,7 @@ def main() -> None:
         help="save the pair and hand OPDTrainer paths (default under ZeRO-3 with zero3_init_flag)",
     )
     parser.add_argument("--collective_timeout", type=float, default=90.0, help="process-group timeout (seconds)")
+    parser.add_argument("--teacher_url", default=None, help="the served teacher of served cells (see harness.py)")
     cli = parser.parse_args()
     cells = [lookup(name) for name in cli.cells]
     if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
@@ -260,7 +266,7 @@ def main() -> None:
         "cells": {},
     }
     for cell in cells:
-        report["cells"][cell.name] = run_cell(cell, tokenizer, models, cli.out)
+        report["cells"][cell.name] = run_cell(cell, tokenizer, models, cli.out, cli.teacher_url)
         write(cli.out / f"rank{state.process_index}.json", report)
     sys.stdout.flush()
     sys.stderr.flush()
