@@ -14,6 +14,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from trl.trainer.utils import maybe_gather_lm_head_ctx
 
 from .config import OPDConfig
 from .diagnostics import (
@@ -106,14 +107,18 @@ def per_teacher_metrics(
     """The loss at each routed teacher's positions, and the diagnostics (`repeated` (N,): loss positions whose token
     repeats an earlier n-gram; None: no diagnostics) of each teacher in `diagnosed`, suffixed with its name."""
     metrics: Metrics = {}
-    for name, index, part in batch.by_teacher():
-        if isinstance(batch.teacher, RoutedAnswer):
-            metrics[f"opd/loss/{name}"] = (value.per_position[index].detach().sum(), index.numel())
-        if repeated is not None and name in diagnosed:
-            part_repeated = repeated if index is None else repeated[index]
-            suffix = f"/{name}" if name else ""
-            diagnostics = batch_diagnostics(part, objective, part_repeated, args)
-            metrics.update({metric + suffix: stat for metric, stat in diagnostics.items()})
+    # One gather of every head for all the diagnostics (under ZeRO-3 each gather is a collective, so it must not
+    # depend on whether this rank has positions of a teacher), entered on every rank when diagnostics are due.
+    heads = batch.head_parameters() if repeated is not None else []
+    with maybe_gather_lm_head_ctx(*heads):
+        for name, index, part in batch.by_teacher():
+            if isinstance(batch.teacher, RoutedAnswer):
+                metrics[f"opd/loss/{name}"] = (value.per_position[index].detach().sum(), index.numel())
+            if repeated is not None and name in diagnosed:
+                part_repeated = repeated if index is None else repeated[index]
+                suffix = f"/{name}" if name else ""
+                diagnostics = batch_diagnostics(part, objective, part_repeated, args)
+                metrics.update({metric + suffix: stat for metric, stat in diagnostics.items()})
     return metrics
 
 

@@ -5,7 +5,8 @@ accumulation). The catalogue has one cell per (backend, support) slot of a 4 × 
 (i, j) is `PREFIXES[(i + j) % 4]`, so the 20 cells cover every valid (prefix, support) pair, and each backend's row of
 5 cells covers every prefix, every support and (placed greedily) every extra. Every row also ends with
 `SERVED_CELL`: the teacher served over HTTP by one loopback `trl-opd serve-teacher` server that the harness starts
-and both ranks share, each scoring its own rows. CI runs each backend on its own row; a release
+and both ranks share, each scoring its own rows, and `ROUTED_CELL`: two local teachers routed per row, writing the
+prefixes of their own rows (every rank takes part in every teacher's generation and forward). CI runs each backend on its own row; a release
 (`scripts/distributed_matrix.py`) runs every backend on every cell, the full cross product.
 """
 
@@ -39,6 +40,7 @@ FEATURES = (
     *EXTRAS,
     "diagnostics",
     "teacher:served",
+    "teacher:routed",
 )
 GLOBAL_BATCH = 4  # completions per optimizer step, whatever the number of processes
 MAX_STEPS = 3
@@ -56,6 +58,7 @@ class Cell:
     accumulation: int = 1  # gradient_accumulation_steps ("grad_accum" when > 1)
     fault: str | None = None  # "nan_teacher": the teacher's final norm returns NaN on FAULT_RANK at FAULT_STEP
     served: bool = False  # the teacher is the harness's loopback server (`run_matrix.py --teacher_url`)
+    routed: bool = False  # two local teachers, each row naming its own (`run_matrix.ROUTED_TEACHERS`)
 
     @property
     def name(self) -> str:
@@ -68,14 +71,16 @@ class Cell:
                 *accumulation,
                 *filter(None, [self.fault]),
                 *["served"] * self.served,
+                *["routed"] * self.routed,
             ]
         )
 
     @property
     def features(self) -> set[str]:
         grad_accum = {"grad_accum"} if self.accumulation > 1 else set()
-        served = {"teacher:served"} if self.served else set()
-        return {f"prefix:{self.prefix}", f"support:{self.support}", *self.extras, *grad_accum, "diagnostics", *served}
+        teachers = {"teacher:served"} if self.served else set()
+        teachers |= {"teacher:routed"} if self.routed else set()
+        return {f"prefix:{self.prefix}", f"support:{self.support}", *self.extras, *grad_accum, "diagnostics", *teachers}
 
     def overrides(self, num_processes: int) -> dict[str, Any]:
         """`OPDConfig` keyword arguments: the same global batch of `GLOBAL_BATCH` rows for any process count."""
@@ -162,7 +167,11 @@ def _row(backend_index: int) -> list[Cell]:
 
 # The served teacher: on-policy (student prefixes) with the top-k a server gives, both KL directions.
 SERVED_CELL = Cell("student", "teacher_topk", "mixed", served=True)
-CI_CELLS: dict[str, list[Cell]] = {backend: [*_row(i), SERVED_CELL] for i, backend in enumerate(BACKENDS)}
+# Several teachers: teacher prefixes written per row's teacher, on the whole vocabulary.
+ROUTED_CELL = Cell("teacher", "full", "forward", routed=True)
+CI_CELLS: dict[str, list[Cell]] = {
+    backend: [*_row(i), SERVED_CELL, ROUTED_CELL] for i, backend in enumerate(BACKENDS)
+}
 CELLS: dict[str, Cell] = {cell.name: cell for row in CI_CELLS.values() for cell in row}
 # The NaN-on-one-rank fault under each `nonfinite_policy`, on dataset prefixes (no generation: only the loss's teacher
 # forward runs the hooked norm).

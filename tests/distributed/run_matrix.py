@@ -43,18 +43,24 @@ from trl_opd.toy import build_model, build_tokenizer  # noqa: E402
 
 HELD_OUT = [[{"role": "user", "content": f"{a}+{a + 1}?"}] for a in range(3)]
 ROWS = 16
+ROUTED_TEACHERS = ("alpha", "beta")  # a routed cell's teachers: the pair's teacher, and the student's initial weights
 
 
-def matrix_dataset(n: int = ROWS) -> Dataset:
+def matrix_dataset(n: int = ROWS, routed: bool = False) -> Dataset:
     """Prompts 'a+b?' (all of one length: no left padding) with gold completions of 1 to 7 tokens, so the ranks hold
-    different numbers of loss tokens on dataset prefixes and a rank-local normalisation shows in the weights."""
+    different numbers of loss tokens on dataset prefixes and a rank-local normalisation shows in the weights. With
+    `routed`, a `teacher` column names 'alpha' on every fourth row and 'beta' on the others, so that a rank's rows
+    often name one teacher only."""
     prompts, completions = [], []
     for i in range(n):
         a, b = i % 10, (3 * i + 1) % 10
         answer = [f"{a + b}", f"={a + b}", f"{a}+{b}={a + b}"][i % 3]
         prompts.append([{"role": "user", "content": f"{a}+{b}?"}])
         completions.append([{"role": "assistant", "content": answer}])
-    return Dataset.from_dict({"prompt": prompts, "completion": completions})
+    columns = {"prompt": prompts, "completion": completions}
+    if routed:
+        columns["teacher"] = [ROUTED_TEACHERS[i % 4 != 0] for i in range(n)]
+    return Dataset.from_dict(columns)
 
 
 def enable_cpu_fsdp() -> None:
@@ -178,11 +184,16 @@ def run_cell(
         pair = models or build_pair(tokenizer)
         if cell.served and teacher_url is None:
             raise ValueError(f"{cell.name} needs the served teacher's URL: run with --teacher_url.")
+        teacher = teacher_url if cell.served else pair["teacher"]
+        if cell.routed:
+            # beta is the student's initial weights: loaded again from its path, or a fresh copy (not the trained one)
+            beta = pair["student"] if isinstance(pair["student"], str) else build_pair(tokenizer)["student"]
+            teacher = dict(zip(ROUTED_TEACHERS, (pair["teacher"], beta)))
         trainer = OPDTrainer(
             model=pair["student"],
-            teacher_model=teacher_url if cell.served else pair["teacher"],
+            teacher_model=teacher,
             args=args,
-            train_dataset=matrix_dataset(),
+            train_dataset=matrix_dataset(routed=cell.routed),
             processing_class=tokenizer,
             callbacks=callbacks_of(cell),
         )
