@@ -1,13 +1,15 @@
-"""Training-step time with a served teacher against the same teacher held locally, on the toy pair.
+"""Training-step time with a served or cached teacher against the same teacher held locally, on the toy pair.
 
-The toy teacher is saved once (weights + tokenizer) and used two ways in one script run: loaded into the training
-process (`teacher_model=<model>`), and served by `trl-opd serve-teacher` in a separate process
-(`teacher_model="http://127.0.0.1:PORT"`), the realistic deployment. Each training run is a fresh child process with
-the main job's `toy` preset (batch 32, 48 new tokens, mixed KL w=0.8), `loss_support="teacher_topk"`,
-`loss_top_k=16`, token diagnostics off (a served teacher skips them, so a local run would pay for them alone), for
-student prefixes and for dataset prefixes. Reported per prefix source: the median step time (a callback timing
-`on_step_begin` -> `on_step_end`, generation included, after the warm-up steps), the ratio served / local, and the
-first losses of both runs (same teacher, same seed: they should agree closely).
+The toy teacher is saved once (weights + tokenizer) and used three ways in one script run: loaded into the training
+process (`teacher_model=<model>`), served by `trl-opd serve-teacher` in a separate process
+(`teacher_model="http://127.0.0.1:PORT"`), the realistic deployment, and, for dataset prefixes, cached: its top-k
+stored once in the dataset by `cache_teacher_topk` (timed, in its own child process, including `save_to_disk`),
+then training with `teacher_model=None` from `load_from_disk`. Each training run is a fresh child process with the
+main job's `toy` preset (batch 32, 48 new tokens, mixed KL w=0.8), `loss_support="teacher_topk"`, `loss_top_k=16`,
+token diagnostics off (served and cached teachers skip them, so a local run would pay for them alone), for student
+prefixes and for dataset prefixes. Reported per prefix source: the median step time (a callback timing
+`on_step_begin` -> `on_step_end`, generation included, after the warm-up steps), the ratios to the local teacher,
+the first losses of every run (same teacher, same seed: they should agree closely), and the one-off cache build.
 
     python benchmarks/bench_teachers.py                 # the table in docs/benchmarks.md
     python benchmarks/bench_teachers.py --smoke         # 1 warm-up + 1 timed step per run, results to a temp file
@@ -30,8 +32,8 @@ import requests
 from common import run_in_child, toy_preset, write_results
 
 ROOT = Path(__file__).resolve().parent.parent
-PREFIX_SOURCES = ("student", "dataset")
-TEACHERS = ("local", "served")
+TEACHERS = {"student": ("local", "served"), "dataset": ("local", "served", "cached")}  # per prefix source
+TOP_K = 16
 FIRST_LOSSES = 3  # loss values reported per run for the sanity column
 
 
@@ -101,10 +103,57 @@ def _stop_server(process: subprocess.Popen) -> None:
         process.wait()
 
 
-def _run(teacher: str, prefix_source: str, paths: dict[str, str], settings: dict, queue) -> None:
-    """One training run in a child process: `teacher` is "local" or the server's URL. Puts the timed step times, the
-    first losses and the device on `queue`."""
+def _config(prefix_source: str, settings: dict) -> dict:
+    """The `OPDConfig` fields of every run: the `toy` preset, teacher top-k, no diagnostics, the timed steps."""
+    preset = toy_preset()
+    preset.update(
+        output_dir=tempfile.mkdtemp(),
+        max_steps=settings["warmup"] + settings["steps"],
+        logging_steps=1,
+        prefix_source=prefix_source,
+        loss_support="teacher_topk",
+        loss_top_k=TOP_K,
+        diagnostics_max_positions=0,
+        report_to=[],
+        disable_tqdm=True,
+        seed=0,
+    )
+    return preset
+
+
+def _build_cache(paths: dict[str, str], settings: dict, queue) -> None:
+    """The one-off cost of a cached teacher, in a child process: `cache_teacher_topk` of the whole training dataset
+    with the local teacher, at the trainer's teacher temperature and length cap, then `save_to_disk`."""
     import torch
+    from transformers import Qwen2ForCausalLM
+
+    from trl_opd import OPDConfig
+    from trl_opd.teacher_cache import cache_teacher_topk
+    from trl_opd.toy import build_tokenizer, make_dataset
+
+    torch.set_num_threads(settings["threads"])
+    args = OPDConfig(**_config("dataset", settings))
+    teacher, tokenizer = Qwen2ForCausalLM.from_pretrained(paths["teacher"]), build_tokenizer()
+    dataset = make_dataset(settings["problems"], seed=0)
+    start = time.perf_counter()
+    cached = cache_teacher_topk(
+        dataset,
+        teacher,
+        tokenizer,
+        top_k=TOP_K,
+        temperature=args.resolved_teacher_temperature,
+        max_completion_length=args.max_completion_length,
+        chat_template_kwargs=args.chat_template_kwargs,
+    )
+    cached.save_to_disk(paths["cache"])
+    queue.put({"seconds": time.perf_counter() - start, "rows": len(cached)})
+
+
+def _run(teacher: str, prefix_source: str, paths: dict[str, str], settings: dict, queue) -> None:
+    """One training run in a child process: `teacher` is "local", "cached" (the saved cache, no teacher model) or
+    the server's URL. Puts the timed step times, the first losses and the device on `queue`."""
+    import torch
+    from datasets import load_from_disk
     from transformers import Qwen2ForCausalLM, TrainerCallback
 
     from trl_opd import OPDConfig, OPDTrainer
@@ -126,26 +175,16 @@ def _run(teacher: str, prefix_source: str, paths: dict[str, str], settings: dict
     torch.set_num_threads(settings["threads"])
     tokenizer = build_tokenizer()
     student = Qwen2ForCausalLM.from_pretrained(paths["student"])
-    teacher_model = Qwen2ForCausalLM.from_pretrained(paths["teacher"]).eval() if teacher == "local" else teacher
-    preset = toy_preset()
-    preset.update(
-        output_dir=tempfile.mkdtemp(),
-        max_steps=settings["warmup"] + settings["steps"],
-        logging_steps=1,
-        prefix_source=prefix_source,
-        loss_support="teacher_topk",
-        loss_top_k=16,
-        diagnostics_max_positions=0,
-        report_to=[],
-        disable_tqdm=True,
-        seed=0,
-    )
+    teacher_model = None if teacher == "cached" else teacher
+    if teacher == "local":
+        teacher_model = Qwen2ForCausalLM.from_pretrained(paths["teacher"]).eval()
+    dataset = load_from_disk(paths["cache"]) if teacher == "cached" else make_dataset(settings["problems"], seed=0)
     timer = StepTimer()
     trainer = OPDTrainer(
         model=student,
         teacher_model=teacher_model,
-        args=OPDConfig(**preset),
-        train_dataset=make_dataset(settings["problems"], seed=0),
+        args=OPDConfig(**_config(prefix_source, settings)),
+        train_dataset=dataset,
         processing_class=tokenizer,
         callbacks=[timer],
     )
@@ -156,17 +195,29 @@ def _run(teacher: str, prefix_source: str, paths: dict[str, str], settings: dict
 
 
 def _summary(runs: dict[str, dict]) -> dict[str, float]:
-    """Median step time of each teacher and the served / local ratio, for one prefix source."""
-    local, served = (statistics.median(runs[name]["step_times"]) for name in TEACHERS)
-    return {"local_step_s": local, "served_step_s": served, "served_over_local": served / local}
+    """Median step time of each teacher run for one prefix source, and its ratio to the local teacher's (and, for
+    the cache, to the served teacher's)."""
+    steps = {name: statistics.median(run["step_times"]) for name, run in runs.items()}
+    summary = {f"{name}_step_s": seconds for name, seconds in steps.items()}
+    summary |= {f"{name}_over_local": steps[name] / steps["local"] for name in steps if name != "local"}
+    if "cached" in steps:
+        summary["cached_over_served"] = steps["cached"] / steps["served"]
+    return summary
 
 
-def _table(results: dict[str, dict[str, dict]], settings: dict) -> str:
-    """The markdown table: per prefix source, median step times, the served / local ratio and the first losses."""
+def _losses(run: dict) -> str:
+    return ", ".join(f"{loss:.4f}" for loss in run["first_losses"])
+
+
+def _table(results: dict[str, dict[str, dict]], cache: dict, settings: dict) -> str:
+    """Two markdown tables: served vs local per prefix source; cached vs live teachers on dataset prefixes, with the
+    cache's one-off build time and the number of steps it takes to pay for itself."""
+    heading = (
+        f"(`toy` preset: batch {settings['batch']}, {settings['length']} new tokens; teacher_topk k={TOP_K}; median "
+        f"of {settings['steps']} steps after {settings['warmup']} warm-up) — {settings['machine']}"
+    )
     lines = [
-        f"### Served vs local teacher, toy pair (`toy` preset: batch {settings['batch']}, "
-        f"{settings['length']} new tokens; teacher_topk k=16; median of {settings['steps']} steps after "
-        f"{settings['warmup']} warm-up) — {settings['machine']}",
+        f"### Served vs local teacher, toy pair {heading}",
         "",
         "| prefixes | local step (s) | served step (s) | served / local | first losses, local "
         "| first losses, served |",
@@ -174,12 +225,37 @@ def _table(results: dict[str, dict[str, dict]], settings: dict) -> str:
     ]
     for source, runs in results.items():
         summary = _summary(runs)
-        losses = {name: ", ".join(f"{loss:.4f}" for loss in runs[name]["first_losses"]) for name in TEACHERS}
         lines.append(
             f"| {source} | {summary['local_step_s']:.3f} | {summary['served_step_s']:.3f} | "
-            f"{summary['served_over_local']:.2f}× | {losses['local']} | "
-            f"{losses['served']} |"
+            f"{summary['served_over_local']:.2f}× | {_losses(runs['local'])} | {_losses(runs['served'])} |"
         )
+    runs = results["dataset"]
+    summary = _summary(runs)
+    saving = summary["local_step_s"] - summary["cached_step_s"]
+    payback = (
+        f"it pays for itself after {cache['seconds'] / saving:.0f} steps"
+        if saving > 0
+        else "here it never pays for itself: the cached step is not faster"
+    )
+    lines += [
+        "",
+        f"### Cached vs live teacher on dataset prefixes, toy pair {heading}",
+        "",
+        "| teacher | step (s) | / local | / served | first losses |",
+        "|---|---|---|---|---|",
+    ]
+    for name in TEACHERS["dataset"]:
+        over_local = "1.00×" if name == "local" else f"{summary[f'{name}_over_local']:.2f}×"
+        over_served = f"{summary[f'{name}_step_s'] / summary['served_step_s']:.2f}×"
+        lines.append(
+            f"| {name} | {summary[f'{name}_step_s']:.3f} | {over_local} | {over_served} | {_losses(runs[name])} |"
+        )
+    lines += [
+        "",
+        f"Building the cache (`cache_teacher_topk` with the local teacher, then `save_to_disk`): "
+        f"{cache['seconds']:.1f} s for {cache['rows']} rows ({1000 * cache['seconds'] / cache['rows']:.1f} ms a row); "
+        f"against the local teacher {payback}.",
+    ]
     if settings["device"] == "cpu":
         lines += [
             "",
@@ -216,25 +292,27 @@ def main() -> None:
         "random_pair": args.random_pair,
     }
     start = time.perf_counter()
-    paths = _save_pair(work, args.random_pair)
+    paths = _save_pair(work, args.random_pair) | {"cache": str(work / "teacher_topk_cache")}
+    cache = run_in_child(_build_cache, paths=paths, settings=settings)
+    print("cache", json.dumps(cache), flush=True)
     server, url = _start_server(paths["teacher"], args.threads, work / "server.log")
     results: dict[str, dict[str, dict]] = {}
     try:
-        for source in PREFIX_SOURCES:
+        for source, teachers in TEACHERS.items():
             results[source] = {}
-            for name in TEACHERS:
-                teacher = "local" if name == "local" else url
+            for name in teachers:
+                teacher = url if name == "served" else name
                 run = run_in_child(_run, teacher=teacher, prefix_source=source, paths=paths, settings=settings)
                 results[source][name] = run
                 print(source, name, json.dumps(run), flush=True)
     finally:
         _stop_server(server)
-    device = results[PREFIX_SOURCES[0]]["local"]["device"]
+    device = results["student"]["local"]["device"]
     settings["device"], settings["machine"] = device, args.machine or device
     settings["total_seconds"] = round(time.perf_counter() - start, 1)
     summary = {source: _summary(runs) for source, runs in results.items()}
-    report = {"settings": settings, "summary": summary, "results": results}
-    write_results(report, out, _table(results, settings), None if args.smoke else args.markdown)
+    report = {"settings": settings, "summary": summary, "cache_build": cache, "results": results}
+    write_results(report, out, _table(results, cache, settings), None if args.smoke else args.markdown)
     print(f"results: {out} ({settings['total_seconds']} s)")
 
 
