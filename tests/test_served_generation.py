@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import make_config, make_dataset
 
-from trl_opd import teacher_server
+from trl_opd import OPDTrainer, teacher_server
 from trl_opd.served_teacher import ServedTeacher, TeacherServerClient, TeacherServerError
 from trl_opd.teacher_engine import TeacherEngine
 from trl_opd.teacher_server import serve
@@ -215,3 +216,19 @@ def test_arguments_are_checked_before_any_request(server, toy, requests_seen):
     with pytest.raises(ValueError, match="max_tokens >= 1 and temperature > 0"):
         teacher.generate(prompts(tokenizer), 4, 0.0, [2])
     assert requests_seen == []
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"max_completion_length": None}, "need a `max_completion_length`"),
+        ({"top_p": 0.9}, r"sampling settings \['top_p'\]"),
+        ({"generation_kwargs": {"do_sample": False}}, r"sampling settings \['do_sample'\]"),
+    ],
+)
+def test_teacher_prefixes_from_a_server_refuse_what_its_request_cannot_carry(tmp_path, settings, message):
+    """Checked before any request: the server samples at the teacher temperature with a `max_tokens` cap only."""
+    tokenizer = build_tokenizer()
+    args = make_config(tmp_path, prefix_source="teacher", loss_support="teacher_topk", **settings)
+    with pytest.raises(ValueError, match=message):
+        OPDTrainer(build_model(tokenizer), "http://127.0.0.1:9", args, make_dataset(), processing_class=tokenizer)

@@ -94,7 +94,10 @@ def validate_inputs(
         if isinstance(model, PreTrainedModel) and isinstance(teacher, PreTrainedModel):
             check_vocabularies(model, teacher)
         if is_served(teacher):
-            validate_topk_teacher(args, f"the served teacher {name + ' ' if name else ''}at {teacher}")
+            described = f"the served teacher {name + ' ' if name else ''}at {teacher}"
+            validate_topk_teacher(args, described)
+            if teacher_prefixes:
+                validate_served_prefixes(args, described)
     if cached:
         validate_topk_teacher(args, "the cached teacher")
 
@@ -135,6 +138,25 @@ def validate_topk_teacher(args: OPDConfig, teacher: str) -> None:
         raise ValueError(
             f"`eopd_coef > 0` gates on the teacher's full-vocabulary entropy, which {teacher} does not give. Set "
             "`eopd_coef=0`, or use a local teacher."
+        )
+
+
+SAMPLING_DEFAULTS = {"top_p": 1.0, "top_k": 0, "min_p": None, "repetition_penalty": 1.0}  # `DistillationConfig`'s
+
+
+def validate_served_prefixes(args: OPDConfig, teacher: str) -> None:
+    """Teacher prefixes sampled by a server: a length cap to send, and no sampling knob the request cannot carry."""
+    if args.max_completion_length is None:
+        raise ValueError(
+            f"Teacher prefixes from {teacher} need a `max_completion_length` (the server's `max_tokens`); set one."
+        )
+    unsent = sorted(set(args.generation_kwargs or {}) - {"temperature", "max_new_tokens"})
+    unsent += [knob for knob, plain in SAMPLING_DEFAULTS.items() if getattr(args, knob) != plain]
+    if unsent:
+        raise ValueError(
+            f"The sampling settings {unsent} would apply to the student's samples but not to those of {teacher}, which "
+            "samples at the teacher temperature alone. Drop them, or use `prefix_source='student'` or a local "
+            "teacher."
         )
 
 
