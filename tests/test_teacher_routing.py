@@ -202,3 +202,41 @@ def test_one_served_teacher_writes_the_teacher_prefixes(tokenizer, tmp_path):
         server.shutdown()
     favourite = tokenizer.convert_tokens_to_ids("b")
     assert seen[0].tolist() == [[favourite] * args.max_completion_length] * len(seen[0])
+
+
+@pytest.mark.parametrize("support", ["full", "teacher_topk", "sampled_token"])
+def test_a_teacher_without_positions_on_this_rank_still_runs_its_kernels(monkeypatch, support):
+    """Under ZeRO-3 every kernel's backward gathers the heads collectively, so a rank holding no position of some
+    teacher (or none at all) must run as many kernels, forward and backward, as a rank holding some: it evaluates a
+    zero-weighted stand-in. The loss and gradients are those of the positions alone."""
+    from trl_opd import chunked
+
+    calls = []
+    original = chunked.maybe_gather_lm_head_ctx
+    monkeypatch.setattr(chunked, "maybe_gather_lm_head_ctx", lambda *p: calls.append(len(p)) or original(*p))
+    torch.manual_seed(0)
+    hidden, vocab = 8, 12
+    student_head = OutputHead(torch.randn(vocab, hidden, requires_grad=True))
+    heads = [OutputHead(torch.randn(vocab, hidden)), OutputHead(torch.randn(vocab, hidden))]
+    divergence = Divergence(kl_direction="forward", loss_support=support, loss_top_k=4)
+    objective = Objective(divergence, ((TERMS[0], 1.0),), 1.0)
+
+    def evaluate(owner: list[int]) -> tuple[torch.Tensor, int]:
+        calls.clear()
+        owner_tensor = torch.tensor(owner, dtype=torch.long)
+        n = len(owner)
+        student_hidden, teacher_hidden = torch.randn(n, hidden), torch.randn(n, hidden)
+        parts = tuple(
+            (name, (owner_tensor == k).nonzero().flatten(), Positions(teacher_hidden[owner_tensor == k], heads[k]))
+            for k, name in enumerate(("alpha", "beta"))
+        )
+        batch = LossBatch(Positions(student_hidden, student_head), RoutedAnswer(parts), torch.zeros(n, dtype=torch.long))
+        value = objective.evaluate(batch).per_position
+        value.sum().backward()
+        return value, len(calls)
+
+    both_value, both_calls = evaluate([0, 1, 0])
+    alpha_value, alpha_calls = evaluate([0, 0, 0])
+    none_value, none_calls = evaluate([])
+    assert both_calls == alpha_calls == none_calls > 0
+    assert alpha_value.shape == (3,) and none_value.shape == (0,) and none_value.requires_grad

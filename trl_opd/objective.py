@@ -23,6 +23,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NamedTuple
 
+import math
+
 import torch
 from trl.trainer.utils import maybe_gather_lm_head_ctx
 
@@ -65,6 +67,36 @@ class LossBatch:
             parts.append((name, index, LossBatch(student, answer, self.token_ids[index], reference)))
         return parts
 
+    def placeholder(self) -> LossBatch:
+        """A one-position, one-gold-token stand-in of zero hidden states (and a uniform top-k teacher).
+
+        A term evaluated on it runs the same kernels as on real positions, and their backward gathers ZeRO-3 heads
+        collectively: a rank holding no position (of some teacher) evaluates the stand-in, weighted 0, so that every
+        rank enters as many gathers as the others.
+        """
+
+        def one(positions: Positions | None) -> Positions | None:
+            if positions is None:
+                return None
+            return Positions(positions.hidden.new_zeros(1, positions.hidden.shape[-1]), positions.head)
+
+        teacher = self.teacher
+        if isinstance(teacher, TeacherTopK):
+            k = teacher.ids.shape[-1]
+            uniform = torch.full((1, k), -math.log(k), device=teacher.log_probs.device)
+            teacher = TeacherTopK(torch.arange(k, device=teacher.ids.device)[None], uniform, uniform[:, 0])
+        elif isinstance(teacher, RoutedAnswer):
+            index = self.token_ids.new_zeros(1)
+            stand_ins = (LossBatch(self.student, answer, self.token_ids).placeholder() for _, _, answer in teacher.parts)
+            teacher = RoutedAnswer(
+                tuple((name, index, stand_in.teacher) for (name, _, _), stand_in in zip(teacher.parts, stand_ins))
+            )
+        else:
+            teacher = one(teacher)
+        gold_ids = None if self.gold_ids is None else self.gold_ids.new_zeros(1)
+        token_ids = self.token_ids.new_zeros(1)
+        return LossBatch(one(self.student), teacher, token_ids, one(self.reference), one(self.gold), gold_ids)
+
     def nonfinite(self) -> list[str]:
         """Which models' hidden states (or a top-k teacher's log-probabilities) hold NaN/inf."""
         models = [("student", self.student), *(("teacher", answer) for answer in self.answers)]
@@ -106,7 +138,37 @@ class Term:
     metrics: tuple[str, ...] = ()  # the `opd/` metrics it reports
 
 
-def _per_teacher(term: Callable[[LossBatch, Objective], TermValue]) -> Callable[[LossBatch, Objective], TermValue]:
+TermFunction = Callable[[LossBatch, "Objective"], TermValue]
+
+
+def _stand_in_when_empty(count: Callable[[LossBatch], int]) -> Callable[[TermFunction], TermFunction]:
+    """`term` on a batch, or, when `count(batch)` items are 0, on `batch.placeholder()` weighted 0 (an empty value
+    still tied to the graph, no metrics): the kernels, and their collective head gathers under ZeRO-3, run alike on
+    every rank."""
+
+    def decorate(term: TermFunction) -> TermFunction:
+        def evaluate(batch: LossBatch, objective: Objective) -> TermValue:
+            if count(batch) > 0:
+                return term(batch, objective)
+            stand_in = term(batch.placeholder(), objective)
+            empty = stand_in.values[:0] + 0.0 * stand_in.values.sum()
+            entropy = None if stand_in.entropy is None else stand_in.entropy[:0].detach()
+            return TermValue(empty, {}, entropy)
+
+        return evaluate
+
+    return decorate
+
+
+def _positions(batch: LossBatch) -> int:
+    return batch.token_ids.numel()
+
+
+def _gold_tokens(batch: LossBatch) -> int:
+    return batch.gold_ids.numel()
+
+
+def _per_teacher(term: TermFunction) -> TermFunction:
     """`term` (which reads one teacher) evaluated on each teacher's positions and put back in position order; the
     metrics' sums and counts add up over teachers."""
 
@@ -132,6 +194,7 @@ def _per_teacher(term: Callable[[LossBatch, Objective], TermValue]) -> Callable[
 
 
 @_per_teacher
+@_stand_in_when_empty(_positions)
 def _divergence(batch: LossBatch, objective: Objective) -> TermValue:
     student, teacher = batch.student, batch.teacher
     if isinstance(teacher, TeacherTopK):
@@ -151,6 +214,7 @@ def _divergence(batch: LossBatch, objective: Objective) -> TermValue:
     return TermValue(values, {}, entropy)
 
 
+@_stand_in_when_empty(_positions)
 def _reference_kl(batch: LossBatch, objective: Objective) -> TermValue:
     student, reference = batch.student, batch.reference
     kl = chunked.reference_kl(student.hidden, reference.hidden, student.head, reference.head)
@@ -158,6 +222,7 @@ def _reference_kl(batch: LossBatch, objective: Objective) -> TermValue:
 
 
 @_per_teacher
+@_stand_in_when_empty(_positions)
 def _entropy_gated_forward_kl(batch: LossBatch, objective: Objective) -> TermValue:
     student, teacher = batch.student, batch.teacher
     term, gate = chunked.entropy_gated_forward_kl(
@@ -171,6 +236,7 @@ def _entropy_gated_forward_kl(batch: LossBatch, objective: Objective) -> TermVal
     return TermValue(term, {"opd/eopd_gate_share": (gate.sum(), gate.numel())})
 
 
+@_stand_in_when_empty(_gold_tokens)
 def _gold_sft(batch: LossBatch, objective: Objective) -> TermValue:
     nll = chunked.gold_nll(batch.gold.hidden, batch.gold.head, batch.gold_ids)
     return TermValue(nll, {"opd/gold_nll": (nll.detach().sum(), nll.numel())})
