@@ -94,3 +94,18 @@ def test_default_config_warns_about_nothing(tmp_path):
         with pytest.warns(FutureWarning, match="gradient_checkpointing"):
             assert getattr(config(tmp_path, gradient_checkpointing=False), CHECKPOINTING_FIELD) is False
 
+
+@pytest.mark.parametrize(
+    "kwargs,name",
+    [
+        ({}, "student-reverse"),
+        (dict(kl_direction="mixed", forward_kl_weight=0.8), "student-mixed-fkl0.8"),
+        (dict(prefix_source="mixed", kl_direction="jsd", beta=0.5), "mixed0.5-dataset-jsd-beta0.5"),
+        (dict(prefix_source="teacher", kl_direction="forward"), "teacher-forward"),
+        (dict(loss_support="teacher_topk", loss_top_k=8, loss_add_tail=True), "student-reverse-teacher_topk8-tail"),
+        (dict(loss_support="sampled_token"), "student-reverse-sampled_token"),
+        (dict(ref_kl_coef=0.1, eopd_coef=0.5), "student-reverse-refkl0.1-eopd0.5"),
+    ],
+)
+def test_objective_name_tells_objectives_apart(tmp_path, kwargs, name):
+    assert config(tmp_path, **kwargs).objective_name == name

@@ -342,3 +342,26 @@ class OPDConfig(DistillationConfig):
     def resolved_teacher_temperature(self) -> float:
         """The teacher's softmax temperature: `teacher_temperature`, or `temperature` when unset."""
         return self.temperature if self.teacher_temperature is None else self.teacher_temperature
+
+    @property
+    def objective_name(self) -> str:
+        """The objective in a few path-safe words, e.g. 'student-mixed-fkl0.8' or 'mixed0.5-dataset-jsd-beta0.5'.
+
+        Prefix source, divergence, support and the added terms, each with the values that set it apart, so that two
+        objectives never share a name: scripts use it as a run directory under a common root.
+        """
+        prefixes = self.prefix_source
+        if prefixes == "mixed":
+            prefixes = f"mixed{self.student_prefix_fraction:g}-{self.off_policy_source}"
+        divergence = {
+            "mixed": f"mixed-fkl{self.forward_kl_weight:g}",
+            "jsd": f"jsd-beta{self.beta:g}",
+        }.get(self.kl_direction, self.kl_direction)
+        parts = [prefixes, divergence]
+        if self.loss_support in TOPK_SUPPORTS:
+            parts.append(f"{self.loss_support}{self.loss_top_k}" + ("-tail" if self.loss_add_tail else ""))
+        elif self.loss_support != "full":
+            parts.append(self.loss_support)
+        terms = {"refkl": self.ref_kl_coef, "goldsft": self.gold_sft_weight, "eopd": self.eopd_coef}
+        parts += [f"{name}{value:g}" for name, value in terms.items() if value > 0]
+        return "-".join(parts)
