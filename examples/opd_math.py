@@ -32,7 +32,7 @@ import math
 import re
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -42,11 +42,12 @@ from accelerate import PartialState
 from accelerate.utils import gather_object
 from datasets import Dataset, load_dataset
 from transformers import AutoTokenizer
-from trl import ModelConfig, TrlParser, get_peft_config, get_quantization_config
+from trl import DistillationConfig, ModelConfig, get_peft_config, get_quantization_config
 from trl.models import unwrap_model_for_generation
 
 from trl_opd import OPDConfig, OPDTrainer
 from trl_opd.evaluation import evaluate, gap_recovery, heldout_divergence
+from trl_opd.script_parser import ScriptParser
 from trl_opd.smollm2 import load_smollm2, prune_layers
 from trl_opd.toy import build_toy_pair, make_dataset, problem_pool
 
@@ -170,11 +171,28 @@ class ScriptArguments:
     toy_cache_dir: str | None = field(
         default=None, metadata={"help": "Toy pair cache (None: $TRL_OPD_CACHE/toy, by default ~/.cache/trl_opd/toy)."}
     )
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={
+            "help": "Train into an `output_dir` that holds a finished run (its eval.json) and replace it. Without "
+            "--output_dir each objective gets its own directory under the preset's, `<preset dir>/<objective>`."
+        },
+    )
 
 
-def make_parser() -> TrlParser:
-    """The script's parser: its own arguments, every `OPDConfig` field and TRL's `ModelConfig` (models, LoRA)."""
-    return TrlParser((ScriptArguments, OPDConfig, ModelConfig))
+def make_parser() -> ScriptParser:
+    """The script's parser: its own arguments, every `OPDConfig` field and TRL's `ModelConfig` (models, LoRA); its
+    `--help` shows the script's, the models', `OPDConfig`'s own and the preset's flags, `--help-all` every flag."""
+    inherited = {f.name for f in fields(DistillationConfig)}
+    sections = {
+        "script": [f.name for f in fields(ScriptArguments)],
+        "models": ["model_name_or_path", "teacher_model_name_or_path", "teacher_model_init_kwargs", "use_peft"],
+        "on-policy distillation (OPDConfig)": [f.name for f in fields(OPDConfig) if f.name not in inherited],
+        "generation and loss (DistillationConfig)": ["temperature", "max_completion_length", "beta", "use_vllm"],
+        "run": ["output_dir", "max_steps", "learning_rate", "warmup_steps", "seed", "report_to"],
+    }
+    usage = "%(prog)s [--preset NAME] [--config FILE.yaml] [--FIELD VALUE ...]"
+    return ScriptParser((ScriptArguments, OPDConfig, ModelConfig), sections, usage=usage)
 
 
 def preset_name(argv: list[str]) -> str:
@@ -313,6 +331,12 @@ def print_report(report: dict[str, Any]) -> None:
 
 
 def main(script_args: ScriptArguments, training_args: OPDConfig, model_args: ModelConfig) -> None:
+    finished = Path(training_args.output_dir) / "eval.json"
+    if finished.exists() and not script_args.overwrite_output_dir:
+        raise FileExistsError(
+            f"{finished} is the report of a finished run. Pass another --output_dir to keep it, or "
+            "--overwrite_output_dir to train again into the same directory and replace it."
+        )
     state = PartialState()
     quantization_config = None
     builds_pair = script_args.preset == "smollm2-pruned" or script_args.dataset_name is None
@@ -384,11 +408,18 @@ def main(script_args: ScriptArguments, training_args: OPDConfig, model_args: Mod
 
 
 def parse(argv: list[str]) -> tuple[ScriptArguments, OPDConfig, ModelConfig]:
-    """The command line `argv` (and its `--config` file) parsed over the defaults of its preset."""
+    """The command line `argv` (and its `--config` file) parsed over the defaults of its preset; without an explicit
+    `output_dir`, the run goes to `<preset output_dir>/<objective>[-lora]` so that objectives do not overwrite each
+    other."""
     parser = make_parser()
     preset = preset_name(argv)
-    parser.set_defaults(preset=preset, **PRESETS[preset])
-    return parser.parse_args_and_config(args=argv)
+    parser.set_defaults(preset=preset)
+    parser.apply_preset(preset, PRESETS[preset])
+    script_args, training_args, model_args = parser.parse_args_and_config(args=argv)
+    if "output_dir" not in parser.given(argv):
+        run = training_args.objective_name + ("-lora" if model_args.use_peft else "")
+        training_args.output_dir = str(Path(training_args.output_dir) / run)
+    return script_args, training_args, model_args
 
 
 if __name__ == "__main__":
