@@ -29,6 +29,7 @@ import argparse
 import contextlib
 import json
 import math
+import os
 import re
 import sys
 from collections.abc import Callable
@@ -46,10 +47,15 @@ from trl import DistillationConfig, ModelConfig, get_peft_config, get_quantizati
 from trl.models import unwrap_model_for_generation
 
 from trl_opd import OPDConfig, OPDTrainer
+from trl_opd.config import CHECKPOINTING_FIELD
 from trl_opd.evaluation import evaluate, gap_recovery, heldout_divergence
 from trl_opd.script_parser import ScriptParser
 from trl_opd.smollm2 import load_smollm2, prune_layers
 from trl_opd.toy import build_toy_pair, make_dataset, problem_pool
+
+if not torch.accelerator.is_available():
+    # What DeepSpeed (the `dev` extra) would pick itself, after logging "Setting accelerator to CPU" on import.
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 GSM8K_INSTRUCTION = "\nSolve the problem step by step. End with a line of the form '#### <number>'."
 CALCULATOR_ANNOTATION = re.compile(r"<<[^>]*>>")  # GSM8K's "<<48/2=24>>" calculator traces
@@ -71,7 +77,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         gradient_accumulation_steps=1,
         max_completion_length=48,
         temperature=1.0,
-        gradient_checkpointing=False,
+        **{CHECKPOINTING_FIELD: False},  # `activation_checkpointing` from transformers 5.23 on
         bf16=False,
         use_cpu=not torch.cuda.is_available(),  # also makes `accelerate launch --num_processes 2` use gloo on a CPU
         logging_steps=25,
@@ -94,7 +100,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         gradient_accumulation_steps=1,
         max_completion_length=32,
         temperature=1.0,
-        gradient_checkpointing=False,
+        **{CHECKPOINTING_FIELD: False},  # `activation_checkpointing` from transformers 5.23 on
         bf16=False,
         use_cpu=not torch.cuda.is_available(),
         logging_steps=5,
