@@ -49,7 +49,7 @@ from trl.models import unwrap_model_for_generation
 from trl_opd import OPDConfig, OPDTrainer
 from trl_opd.config import CHECKPOINTING_FIELD
 from trl_opd.evaluation import evaluate, gap_recovery, heldout_divergence
-from trl_opd.script_parser import ScriptParser
+from trl_opd.script_parser import ScriptParser, short_run_note
 from trl_opd.smollm2 import load_smollm2, prune_layers
 from trl_opd.toy import build_toy_pair, make_dataset, problem_pool
 
@@ -71,7 +71,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         forward_kl_weight=0.8,
         learning_rate=2e-3,
         lr_scheduler_type="cosine",
-        warmup_steps=10,
+        warmup_steps=0.03,  # a share of max_steps (transformers reads warmup_steps < 1 so)
         max_steps=300,
         per_device_train_batch_size=32,
         gradient_accumulation_steps=1,
@@ -94,7 +94,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         forward_kl_weight=0.8,
         learning_rate=1e-4,
         lr_scheduler_type="cosine",
-        warmup_steps=2,
+        warmup_steps=0.06,
         max_steps=30,
         per_device_train_batch_size=8,
         gradient_accumulation_steps=1,
@@ -414,14 +414,17 @@ def main(script_args: ScriptArguments, training_args: OPDConfig, model_args: Mod
 
 
 def parse(argv: list[str]) -> tuple[ScriptArguments, OPDConfig, ModelConfig]:
-    """The command line `argv` (and its `--config` file) parsed over the defaults of its preset; without an explicit
-    `output_dir`, the run goes to `<preset output_dir>/<objective>[-lora]` so that objectives do not overwrite each
-    other."""
+    """The command line `argv` (and its `--config` file) parsed over the defaults of its preset, with a note when
+    `--max_steps` cuts the preset short (`short_run_note`); without an explicit `output_dir`, the run goes to
+    `<preset output_dir>/<objective>[-lora]` so that objectives do not overwrite each other."""
     parser = make_parser()
     preset = preset_name(argv)
     parser.set_defaults(preset=preset)
     parser.apply_preset(preset, PRESETS[preset])
     script_args, training_args, model_args = parser.parse_args_and_config(args=argv)
+    note = short_run_note(preset, PRESETS[preset], training_args, parser.given(argv))
+    if note and PartialState().is_main_process:
+        print(note, file=sys.stderr)
     if "output_dir" not in parser.given(argv):
         run = training_args.objective_name + ("-lora" if model_args.use_peft else "")
         training_args.output_dir = str(Path(training_args.output_dir) / run)

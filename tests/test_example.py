@@ -120,3 +120,22 @@ def test_help_leads_with_the_script_and_opd_flags_and_names_preset_values(monkey
     assert "(default: 0.8, from preset toy; OPDConfig default: 0.5)" in words
     gsm8k = " ".join(_help(example, ["--preset", "gsm8k", "--help"], capsys).split())
     assert "(default: reverse, from preset gsm8k; OPDConfig default: reverse)" in gsm8k
+
+
+@pytest.mark.parametrize("preset", ["toy", "smollm2-pruned"])
+def test_a_short_run_keeps_the_presets_schedule_shape_and_says_what_to_expect(preset, monkeypatch, capsys):
+    """Cut to a tenth of the steps its schedule is tuned for, the toy preset left the student worse than it started
+    without a word: the warmup is now a share of the run, and the script says what to expect and what to change."""
+    example = load_example(monkeypatch)
+    values = example.PRESETS[preset]
+    full = example.parse(["--preset", preset])[1]
+    assert not capsys.readouterr().err, "a run of the preset's length needs no note"
+    steps = max(1, values["max_steps"] // 10)
+    short = example.parse(["--preset", preset, "--max_steps", str(steps)])[1]
+    assert short.get_warmup_steps(steps) < full.get_warmup_steps(values["max_steps"]), "warmup is not a share"
+    note = capsys.readouterr().err
+    assert f"tuned for {values['max_steps']} steps" in note and "--learning_rate" in note
+    assert short.learning_rate == values["learning_rate"]
+    example.parse(["--preset", preset, "--max_steps", str(steps), "--learning_rate", "0.01"])
+    example.parse(["--preset", preset, "--max_steps", str(2 * values["max_steps"])])
+    assert not capsys.readouterr().err, "a chosen learning rate or a longer run needs no note"

@@ -5,7 +5,8 @@
 plain defaults next to README tables that give the dataclass's. `ScriptParser` prints, under `--help`, only the
 sections the script names (its own options, `OPDConfig`'s knobs, ...) plus every field the preset sets, each preset
 value marked as such beside the dataclass default; `--help-all` prints every flag. It also tells which fields a
-command line set explicitly (`given`), which a script needs to adapt the rest of a preset to them.
+command line set explicitly (`given`), which `short_run_note` needs to tell a user who cut a preset short what to
+expect.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from transformers import TrainingArguments
 from trl import TrlParser
 
 
@@ -124,3 +126,24 @@ class ScriptParser(TrlParser):
         short = copy.copy(action)
         short.option_strings = action.option_strings[:1]
         return short
+
+
+def short_run_note(name: str, preset: Mapping[str, Any], args: TrainingArguments, given: set[str]) -> str | None:
+    """What to tell a user whose `max_steps` cuts a preset's schedule short, or None.
+
+    A preset's learning rate and schedule are tuned for its `max_steps`. Cut short, a run stops in the phase where
+    that learning rate has moved the student away from where it started without yet bringing it near the teacher,
+    and can end worse than it began. Scaling the learning rate down by the share of steps does not fix that: the
+    short run then barely moves, and a medium one loses most of its gain (measured on the toy preset, see
+    docs/quickstart.md). So the run keeps the preset's learning rate (its warmup, given as a share of the run,
+    `warmup_steps` < 1, scales by itself) and the note says what to expect and what to change. A learning rate the
+    command line sets (`given`, see `ScriptParser.given`) means the user has chosen: no note.
+    """
+    tuned = preset.get("max_steps")
+    if tuned is None or "learning_rate" in given or not 0 < args.max_steps < tuned:
+        return None
+    return (
+        f"preset {name}: its learning_rate {args.learning_rate:g} and schedule are tuned for {tuned} steps; cut to "
+        f"{args.max_steps}, the student may end worse than it started. Give it more --max_steps, or a smaller "
+        "--learning_rate to change it less."
+    )
