@@ -29,10 +29,11 @@ import argparse
 import contextlib
 import json
 import math
+import os
 import re
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -42,13 +43,19 @@ from accelerate import PartialState
 from accelerate.utils import gather_object
 from datasets import Dataset, load_dataset
 from transformers import AutoTokenizer
-from trl import ModelConfig, TrlParser, get_peft_config, get_quantization_config
+from trl import DistillationConfig, ModelConfig, get_peft_config, get_quantization_config
 from trl.models import unwrap_model_for_generation
 
 from trl_opd import OPDConfig, OPDTrainer
+from trl_opd.config import CHECKPOINTING_FIELD
 from trl_opd.evaluation import evaluate, gap_recovery, heldout_divergence
+from trl_opd.script_parser import ScriptParser, short_run_note
 from trl_opd.smollm2 import load_smollm2, prune_layers
 from trl_opd.toy import build_toy_pair, make_dataset, problem_pool
+
+if not torch.accelerator.is_available():
+    # What DeepSpeed (the `dev` extra) would pick itself, after logging "Setting accelerator to CPU" on import.
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 GSM8K_INSTRUCTION = "\nSolve the problem step by step. End with a line of the form '#### <number>'."
 CALCULATOR_ANNOTATION = re.compile(r"<<[^>]*>>")  # GSM8K's "<<48/2=24>>" calculator traces
@@ -64,13 +71,13 @@ PRESETS: dict[str, dict[str, Any]] = {
         forward_kl_weight=0.8,
         learning_rate=2e-3,
         lr_scheduler_type="cosine",
-        warmup_steps=10,
+        warmup_steps=0.03,  # a share of max_steps (transformers reads warmup_steps < 1 so)
         max_steps=300,
         per_device_train_batch_size=32,
         gradient_accumulation_steps=1,
         max_completion_length=48,
         temperature=1.0,
-        gradient_checkpointing=False,
+        **{CHECKPOINTING_FIELD: False},  # `activation_checkpointing` from transformers 5.23 on
         bf16=False,
         use_cpu=not torch.cuda.is_available(),  # also makes `accelerate launch --num_processes 2` use gloo on a CPU
         logging_steps=25,
@@ -87,13 +94,13 @@ PRESETS: dict[str, dict[str, Any]] = {
         forward_kl_weight=0.8,
         learning_rate=1e-4,
         lr_scheduler_type="cosine",
-        warmup_steps=2,
+        warmup_steps=0.06,
         max_steps=30,
         per_device_train_batch_size=8,
         gradient_accumulation_steps=1,
         max_completion_length=32,
         temperature=1.0,
-        gradient_checkpointing=False,
+        **{CHECKPOINTING_FIELD: False},  # `activation_checkpointing` from transformers 5.23 on
         bf16=False,
         use_cpu=not torch.cuda.is_available(),
         logging_steps=5,
@@ -170,11 +177,28 @@ class ScriptArguments:
     toy_cache_dir: str | None = field(
         default=None, metadata={"help": "Toy pair cache (None: $TRL_OPD_CACHE/toy, by default ~/.cache/trl_opd/toy)."}
     )
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={
+            "help": "Train into an `output_dir` that holds a finished run (its eval.json) and replace it. Without "
+            "--output_dir each objective gets its own directory under the preset's, `<preset dir>/<objective>`."
+        },
+    )
 
 
-def make_parser() -> TrlParser:
-    """The script's parser: its own arguments, every `OPDConfig` field and TRL's `ModelConfig` (models, LoRA)."""
-    return TrlParser((ScriptArguments, OPDConfig, ModelConfig))
+def make_parser() -> ScriptParser:
+    """The script's parser: its own arguments, every `OPDConfig` field and TRL's `ModelConfig` (models, LoRA); its
+    `--help` shows the script's, the models', `OPDConfig`'s own and the preset's flags, `--help-all` every flag."""
+    inherited = {f.name for f in fields(DistillationConfig)}
+    sections = {
+        "script": [f.name for f in fields(ScriptArguments)],
+        "models": ["model_name_or_path", "teacher_model_name_or_path", "teacher_model_init_kwargs", "use_peft"],
+        "on-policy distillation (OPDConfig)": [f.name for f in fields(OPDConfig) if f.name not in inherited],
+        "generation and loss (DistillationConfig)": ["temperature", "max_completion_length", "beta", "use_vllm"],
+        "run": ["output_dir", "max_steps", "learning_rate", "warmup_steps", "seed", "report_to"],
+    }
+    usage = "%(prog)s [--preset NAME] [--config FILE.yaml] [--FIELD VALUE ...]"
+    return ScriptParser((ScriptArguments, OPDConfig, ModelConfig), sections, usage=usage)
 
 
 def preset_name(argv: list[str]) -> str:
@@ -313,6 +337,12 @@ def print_report(report: dict[str, Any]) -> None:
 
 
 def main(script_args: ScriptArguments, training_args: OPDConfig, model_args: ModelConfig) -> None:
+    finished = Path(training_args.output_dir) / "eval.json"
+    if finished.exists() and not script_args.overwrite_output_dir:
+        raise FileExistsError(
+            f"{finished} is the report of a finished run. Pass another --output_dir to keep it, or "
+            "--overwrite_output_dir to train again into the same directory and replace it."
+        )
     state = PartialState()
     quantization_config = None
     builds_pair = script_args.preset == "smollm2-pruned" or script_args.dataset_name is None
@@ -384,11 +414,21 @@ def main(script_args: ScriptArguments, training_args: OPDConfig, model_args: Mod
 
 
 def parse(argv: list[str]) -> tuple[ScriptArguments, OPDConfig, ModelConfig]:
-    """The command line `argv` (and its `--config` file) parsed over the defaults of its preset."""
+    """The command line `argv` (and its `--config` file) parsed over the defaults of its preset, with a note when
+    `--max_steps` cuts the preset short (`short_run_note`); without an explicit `output_dir`, the run goes to
+    `<preset output_dir>/<objective>[-lora]` so that objectives do not overwrite each other."""
     parser = make_parser()
     preset = preset_name(argv)
-    parser.set_defaults(preset=preset, **PRESETS[preset])
-    return parser.parse_args_and_config(args=argv)
+    parser.set_defaults(preset=preset)
+    parser.apply_preset(preset, PRESETS[preset])
+    script_args, training_args, model_args = parser.parse_args_and_config(args=argv)
+    note = short_run_note(preset, PRESETS[preset], training_args, parser.given(argv))
+    if note and PartialState().is_main_process:
+        print(note, file=sys.stderr)
+    if "output_dir" not in parser.given(argv):
+        run = training_args.objective_name + ("-lora" if model_args.use_peft else "")
+        training_args.output_dir = str(Path(training_args.output_dir) / run)
+    return script_args, training_args, model_args
 
 
 if __name__ == "__main__":

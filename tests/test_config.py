@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+import warnings
 
 import pytest
+import torch
 from trl import DistillationConfig
 
 from trl_opd import OPDConfig
+from trl_opd.config import CHECKPOINTING_FIELD
 
 
 def config(tmp_path, **kwargs) -> OPDConfig:
@@ -76,3 +79,33 @@ def test_logged_config_keeps_every_opd_value(tmp_path):
     added = {f.name for f in dataclasses.fields(OPDConfig)} - {f.name for f in dataclasses.fields(DistillationConfig)}
     assert added, "OPDConfig adds no fields?"
     assert {name: logged[name] for name in added} == {name: getattr(settings, name) for name in added}
+
+
+def test_default_config_warns_about_nothing(tmp_path):
+    """TRL's default `gradient_checkpointing=True` made every config trip transformers' rename warning, and the
+    default pin memory torch's no-accelerator warning at the first batch; an explicit old name still warns."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        args = config(tmp_path)
+    assert getattr(args, CHECKPOINTING_FIELD) is True, "checkpointing stays on by default, as in TRL"
+    assert args.dataloader_pin_memory == torch.accelerator.is_available()
+    assert getattr(config(tmp_path, **{CHECKPOINTING_FIELD: False}), CHECKPOINTING_FIELD) is False
+    if CHECKPOINTING_FIELD != "gradient_checkpointing":
+        with pytest.warns(FutureWarning, match="gradient_checkpointing"):
+            assert getattr(config(tmp_path, gradient_checkpointing=False), CHECKPOINTING_FIELD) is False
+
+
+@pytest.mark.parametrize(
+    "kwargs,name",
+    [
+        ({}, "student-reverse"),
+        (dict(kl_direction="mixed", forward_kl_weight=0.8), "student-mixed-fkl0.8"),
+        (dict(prefix_source="mixed", kl_direction="jsd", beta=0.5), "mixed0.5-dataset-jsd-beta0.5"),
+        (dict(prefix_source="teacher", kl_direction="forward"), "teacher-forward"),
+        (dict(loss_support="teacher_topk", loss_top_k=8, loss_add_tail=True), "student-reverse-teacher_topk8-tail"),
+        (dict(loss_support="sampled_token"), "student-reverse-sampled_token"),
+        (dict(ref_kl_coef=0.1, eopd_coef=0.5), "student-reverse-refkl0.1-eopd0.5"),
+    ],
+)
+def test_objective_name_tells_objectives_apart(tmp_path, kwargs, name):
+    assert config(tmp_path, **kwargs).objective_name == name

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import json
+from pathlib import Path
 
 import pytest
 from conftest import TINY_PAIR, load_example
@@ -71,3 +72,70 @@ def test_model_names_with_an_in_process_pair_fail_with_the_fix(preset, tmp_path,
     arguments = ["--preset", preset, "--model_name_or_path", "Qwen/Qwen2.5-0.5B-Instruct", "--report_to", "none"]
     with pytest.raises(ValueError, match="drop them, or pass --dataset_name"):
         example.main(*example.parse([*arguments, "--output_dir", str(tmp_path)]))
+
+
+def test_a_finished_run_is_kept_unless_overwriting_is_asked_for(tiny_pair, tmp_path, monkeypatch, capsys):
+    example = load_example(monkeypatch)
+    monkeypatch.setattr(example, "build_toy_pair", lambda cache_dir=None: copy.deepcopy(tiny_pair))
+    (tmp_path / "eval.json").write_text("{}")
+    with pytest.raises(FileExistsError, match="--overwrite_output_dir"):
+        example.main(*example.parse([*SMALL, "--output_dir", str(tmp_path)]))
+    assert json.loads((tmp_path / "eval.json").read_text()) == {}, "the finished run's report was touched"
+    example.main(*example.parse([*SMALL, "--output_dir", str(tmp_path), "--overwrite_output_dir"]))
+    assert "student_after" in json.loads((tmp_path / "eval.json").read_text())
+
+
+def test_each_objective_gets_its_own_output_dir_unless_one_is_given(tmp_path, monkeypatch):
+    example = load_example(monkeypatch)
+    root = Path(example.PRESETS["toy"]["output_dir"])
+    runs = {}
+    for flags in (["--kl_direction", "forward"], ["--kl_direction", "reverse"], ["--use_peft"]):
+        script_args, args, model_args = example.parse(flags)
+        assert Path(args.output_dir) == root / (args.objective_name + ("-lora" if model_args.use_peft else ""))
+        runs[args.output_dir] = flags
+    assert len(runs) == 3, f"objectives share an output directory: {runs}"
+    assert example.parse(["--output_dir", str(tmp_path)])[1].output_dir == str(tmp_path)
+    config = tmp_path / "run.yaml"
+    config.write_text(f"output_dir: {tmp_path / 'from-file'}\n")
+    assert example.parse(["--config", str(config)])[1].output_dir == str(tmp_path / "from-file")
+
+
+def _help(example, flags: list[str], capsys) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        example.parse(flags)
+    assert exit_info.value.code == 0
+    return capsys.readouterr().out
+
+
+def test_help_leads_with_the_script_and_opd_flags_and_names_preset_values(monkeypatch, capsys):
+    example = load_example(monkeypatch)
+    short, full = _help(example, ["--help"], capsys), _help(example, ["--help-all"], capsys)
+    assert len(short.splitlines()) * 3 < len(full.splitlines()), "--help is not much shorter than --help-all"
+    for flag in ("--preset", "--overwrite_output_dir", "--model_name_or_path", "--kl_direction", "--loss_support",
+                 "--max_steps", "--help-all"):  # fmt: skip
+        assert f"  {flag}" in short, f"--help lost {flag}"
+    assert "--adam_beta1" not in short and "--adam_beta1" in full, "--help-all must list every TrainingArguments flag"
+    words = " ".join(short.split())
+    assert "--kl_direction" in words and "(default: mixed, from preset toy; OPDConfig default: reverse)" in words
+    assert "(default: 0.8, from preset toy; OPDConfig default: 0.5)" in words
+    gsm8k = " ".join(_help(example, ["--preset", "gsm8k", "--help"], capsys).split())
+    assert "(default: reverse, from preset gsm8k; OPDConfig default: reverse)" in gsm8k
+
+
+@pytest.mark.parametrize("preset", ["toy", "smollm2-pruned"])
+def test_a_short_run_keeps_the_presets_schedule_shape_and_says_what_to_expect(preset, monkeypatch, capsys):
+    """Cut to a tenth of the steps its schedule is tuned for, the toy preset left the student worse than it started
+    without a word: the warmup is now a share of the run, and the script says what to expect and what to change."""
+    example = load_example(monkeypatch)
+    values = example.PRESETS[preset]
+    full = example.parse(["--preset", preset])[1]
+    assert not capsys.readouterr().err, "a run of the preset's length needs no note"
+    steps = max(1, values["max_steps"] // 10)
+    short = example.parse(["--preset", preset, "--max_steps", str(steps)])[1]
+    assert short.get_warmup_steps(steps) < full.get_warmup_steps(values["max_steps"]), "warmup is not a share"
+    note = capsys.readouterr().err
+    assert f"tuned for {values['max_steps']} steps" in note and "--learning_rate" in note
+    assert short.learning_rate == values["learning_rate"]
+    example.parse(["--preset", preset, "--max_steps", str(steps), "--learning_rate", "0.01"])
+    example.parse(["--preset", preset, "--max_steps", str(2 * values["max_steps"])])
+    assert not capsys.readouterr().err, "a chosen learning rate or a longer run needs no note"

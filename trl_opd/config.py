@@ -7,8 +7,9 @@ See `docs/concepts.md` for every objective and its source.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
+import torch
 from trl import DistillationConfig
 
 PREFIX_SOURCES = ("student", "teacher", "dataset", "mixed")
@@ -18,6 +19,15 @@ LOSS_SUPPORTS = ("full", "teacher_topk", "student_topk", "union_topk", "sampled_
 TOPK_SUPPORTS = ("teacher_topk", "student_topk", "union_topk")
 NONFINITE_POLICIES = ("stop", "skip")
 DEFAULT_BETA = 1.0  # `DistillationConfig.beta`'s default
+# transformers 5.23 renamed `gradient_checkpointing` to `activation_checkpointing` and warns whenever only the old name
+# is set, which TRL 1.16's default (`gradient_checkpointing=True`) always did: every config warned although nobody had
+# asked for anything. OPDConfig leaves the old name unset and turns checkpointing on under the name this transformers
+# reads; a value the user passes under either name still goes through transformers (with its warning for the old one).
+CHECKPOINTING_FIELD = (
+    "activation_checkpointing"
+    if "activation_checkpointing" in {f.name for f in fields(DistillationConfig)}
+    else "gradient_checkpointing"
+)
 
 
 def _check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
@@ -79,6 +89,21 @@ class OPDConfig(DistillationConfig):
         metadata={
             "help": "Restore the state of stateful callbacks (schedules, curriculum, EffOPD) on resume. Defaults to "
             "True, unlike `TrainingArguments`: a resumed run must not restart its schedules."
+        },
+    )
+    gradient_checkpointing: bool | None = field(
+        default=None,
+        metadata={
+            "help": "Trade compute for memory by recomputing activations in the backward pass. None: on, as in TRL, "
+            "set as `activation_checkpointing` where transformers has that name (5.23 on; this one is then its "
+            "deprecated alias)."
+        },
+    )
+    dataloader_pin_memory: bool | None = field(
+        default=None,
+        metadata={
+            "help": "Pin the batches in page-locked memory for faster copies to the accelerator. None: only when "
+            "there is one (on a CPU there is nothing to copy to, and torch warns that pinning is ignored)."
         },
     )
     prefix_source: str = field(
@@ -253,6 +278,10 @@ class OPDConfig(DistillationConfig):
     )
 
     def __post_init__(self) -> None:
+        if self.gradient_checkpointing is None and getattr(self, CHECKPOINTING_FIELD) is None:
+            setattr(self, CHECKPOINTING_FIELD, True)
+        if self.dataloader_pin_memory is None:
+            self.dataloader_pin_memory = torch.accelerator.is_available()
         super().__post_init__()
         _check_choice("prefix_source", self.prefix_source, PREFIX_SOURCES)
         _check_choice("off_policy_source", self.off_policy_source, OFF_POLICY_SOURCES)
@@ -320,3 +349,26 @@ class OPDConfig(DistillationConfig):
     def resolved_teacher_temperature(self) -> float:
         """The teacher's softmax temperature: `teacher_temperature`, or `temperature` when unset."""
         return self.temperature if self.teacher_temperature is None else self.teacher_temperature
+
+    @property
+    def objective_name(self) -> str:
+        """The objective in a few path-safe words, e.g. 'student-mixed-fkl0.8' or 'mixed0.5-dataset-jsd-beta0.5'.
+
+        Prefix source, divergence, support and the added terms, each with the values that set it apart, so that two
+        objectives never share a name: scripts use it as a run directory under a common root.
+        """
+        prefixes = self.prefix_source
+        if prefixes == "mixed":
+            prefixes = f"mixed{self.student_prefix_fraction:g}-{self.off_policy_source}"
+        divergence = {
+            "mixed": f"mixed-fkl{self.forward_kl_weight:g}",
+            "jsd": f"jsd-beta{self.beta:g}",
+        }.get(self.kl_direction, self.kl_direction)
+        parts = [prefixes, divergence]
+        if self.loss_support in TOPK_SUPPORTS:
+            parts.append(f"{self.loss_support}{self.loss_top_k}" + ("-tail" if self.loss_add_tail else ""))
+        elif self.loss_support != "full":
+            parts.append(self.loss_support)
+        terms = {"refkl": self.ref_kl_coef, "goldsft": self.gold_sft_weight, "eopd": self.eopd_coef}
+        parts += [f"{name}{value:g}" for name, value in terms.items() if value > 0]
+        return "-".join(parts)
