@@ -41,7 +41,7 @@ import torch
 import yaml
 from accelerate import PartialState
 from accelerate.utils import gather_object
-from datasets import Dataset, load_dataset
+from datasets import Dataset, load_dataset, load_from_disk
 from transformers import AutoTokenizer
 from trl import DistillationConfig, ModelConfig, get_peft_config, get_quantization_config
 from trl.models import unwrap_model_for_generation
@@ -50,7 +50,9 @@ from trl_opd import OPDConfig, OPDTrainer
 from trl_opd.config import CHECKPOINTING_FIELD
 from trl_opd.evaluation import evaluate, gap_recovery, heldout_divergence
 from trl_opd.script_parser import ScriptParser, short_run_note
+from trl_opd.served_teacher import is_served
 from trl_opd.smollm2 import load_smollm2, prune_layers
+from trl_opd.teacher_cache import cache_teacher_topk
 from trl_opd.toy import build_toy_pair, make_dataset, problem_pool
 
 if not torch.accelerator.is_available():
@@ -177,6 +179,23 @@ class ScriptArguments:
     toy_cache_dir: str | None = field(
         default=None, metadata={"help": "Toy pair cache (None: $TRL_OPD_CACHE/toy, by default ~/.cache/trl_opd/toy)."}
     )
+    teachers: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "Several teachers, each row distilled from its own: NAME=MODEL pairs, MODEL a model id/path, the "
+            "http(s) URL of a served teacher, or 'preset' (the preset's own teacher). Rows name theirs in the "
+            "`teacher_column`; the toy world names each problem 'short' or 'long' (the half with the shorter "
+            "solutions, the other half), e.g. `--teachers short=preset long=http://127.0.0.1:8001`."
+        },
+    )
+    teacher_cache: str | None = field(
+        default=None,
+        metadata={
+            "help": "Train without a teacher, from its top-k stored at this path (`datasets.save_to_disk` format; "
+            "built there first with `cache_teacher_topk` when missing, at `loss_top_k`). Needs `--prefix_source "
+            "dataset` and `--loss_support teacher_topk` (or sampled_token)."
+        },
+    )
     overwrite_output_dir: bool = field(
         default=False,
         metadata={
@@ -192,7 +211,13 @@ def make_parser() -> ScriptParser:
     inherited = {f.name for f in fields(DistillationConfig)}
     sections = {
         "script": [f.name for f in fields(ScriptArguments)],
-        "models": ["model_name_or_path", "teacher_model_name_or_path", "teacher_model_init_kwargs", "use_peft"],
+        "models": [
+            "model_name_or_path",
+            "teacher_model_name_or_path",
+            "teacher_model_init_kwargs",
+            "teacher_column",
+            "use_peft",
+        ],
         "on-policy distillation (OPDConfig)": [f.name for f in fields(OPDConfig) if f.name not in inherited],
         "generation and loss (DistillationConfig)": ["temperature", "max_completion_length", "beta", "use_vllm"],
         "run": ["output_dir", "max_steps", "learning_rate", "warmup_steps", "seed", "report_to"],
@@ -295,7 +320,50 @@ def evaluate_accuracy(model: Any, trainer: OPDTrainer, dataset: Dataset, script_
     return {**sharded(trainer, [model], dataset, metric, "n_problems", batch_size), "k": script_args.eval_k}
 
 
-def evaluate_divergence(trainer: OPDTrainer, dataset: Dataset, script_args: ScriptArguments) -> dict[str, float]:
+def teachers_of(script_args: ScriptArguments, url: str | None, own: Any) -> Any:
+    """The trainer's `teacher_model`: `own` (the preset's teacher, or the hub teacher's id), the served teacher at
+    `url`, or with `--teachers` a dict {name: model id/path | URL | `own` for 'preset'}."""
+    if not script_args.teachers:
+        return url if is_served(url) else own
+    pairs = [spec.split("=", 1) for spec in script_args.teachers]
+    if any(len(pair) != 2 or not all(pair) for pair in pairs):
+        raise ValueError(
+            f"--teachers takes NAME=MODEL pairs (MODEL an id/path, a URL or 'preset'), got {script_args.teachers}."
+        )
+    return {name: own if model == "preset" else model for name, model in pairs}
+
+
+def with_problem_types(dataset: Dataset, column: str) -> Dataset:
+    """The toy dataset with `column` naming each problem 'short' or 'long': the half of the problems with the fewer
+    solution lines, and the other half."""
+    lines = [row[0]["content"].count("\n") for row in dataset["completion"]]
+    ranks = {row: rank for rank, row in enumerate(sorted(range(len(lines)), key=lines.__getitem__))}
+    return dataset.add_column(
+        column, ["short" if ranks[row] < len(lines) / 2 else "long" for row in range(len(lines))]
+    )
+
+
+def cached_teacher(path: str, dataset: Dataset, teacher: Any, tokenizer: Any, args: OPDConfig) -> Dataset:
+    """`dataset` with the teacher's top-k from `path`, which the main process first builds when it is missing."""
+    state = PartialState()
+    with state.main_process_first():
+        if state.is_main_process and not Path(path).exists():
+            cached = cache_teacher_topk(
+                dataset,
+                teacher,
+                tokenizer,
+                top_k=args.loss_top_k,
+                temperature=args.resolved_teacher_temperature,
+                max_completion_length=args.max_completion_length,
+                chat_template_kwargs=args.chat_template_kwargs,
+            )
+            cached.save_to_disk(path)
+    return load_from_disk(path)
+
+
+def evaluate_divergence(
+    trainer: OPDTrainer, teacher: Any, dataset: Dataset, script_args: ScriptArguments
+) -> dict[str, float]:
     """`trl_opd.evaluation.heldout_divergence` of the student from the teacher on `dataset`, split across processes."""
 
     def metric(student: Any, teacher: Any, shard: Dataset) -> dict[str, float]:
@@ -311,21 +379,23 @@ def evaluate_divergence(trainer: OPDTrainer, dataset: Dataset, script_args: Scri
             progress=PartialState().is_local_main_process,
         )
 
-    models = [trainer.model_wrapped, trainer.teacher_model]
+    models = [trainer.model_wrapped, teacher]
     return sharded(trainer, models, dataset, metric, "n_tokens", script_args.eval_kl_batch_size)
 
 
 def print_report(report: dict[str, Any]) -> None:
     """The accuracy table (teacher, student before and after) and the gap recovery, then the held-out KL, when
     `report` (the content of eval.json) holds them."""
-    if "teacher" in report:
-        k = report["teacher"]["k"]
+    rows = [name for name in ("teacher", "student_before", "student_after") if name in report]
+    if rows:
+        k = report[rows[0]]["k"]
         print(f"{'':16}{'accuracy':>10}{f'avg@{k}':>10}{f'pass@{k}':>10}{'length':>10}{'trunc.':>10}")
-        for name in ("teacher", "student_before", "student_after"):
+        for name in rows:
             metrics = report[name]
             values = [metrics[key] for key in ("accuracy", "avg_at_k", "pass_at_k")]
             print(f"{name:16}" + "".join(f"{v:>10.3f}" for v in values), end="")
             print(f"{metrics['mean_length']:>10.1f}{metrics['truncation_rate']:>10.3f}")
+    if "gap_recovery" in report:
         recovery = report["gap_recovery"]
         shown = "n/a (the teacher is not ahead)" if recovery is None else f"{recovery:.3f}"
         print(f"gap recovery (avg@{k}): {shown}  (after − before) / (teacher − before)")
@@ -346,11 +416,12 @@ def main(script_args: ScriptArguments, training_args: OPDConfig, model_args: Mod
     state = PartialState()
     quantization_config = None
     builds_pair = script_args.preset == "smollm2-pruned" or script_args.dataset_name is None
-    if builds_pair and (model_args.model_name_or_path or training_args.teacher_model_name_or_path):
+    url = training_args.teacher_model_name_or_path
+    if builds_pair and (model_args.model_name_or_path or (url and not is_served(url))):
         raise ValueError(
             f"The '{script_args.preset}' preset builds its own teacher and student, so --model_name_or_path and "
             "--teacher_model_name_or_path would be ignored: drop them, or pass --dataset_name (and --preset gsm8k) "
-            "to distil those models."
+            "to distil those models (a served teacher's URL as --teacher_model_name_or_path is fine)."
         )
     if script_args.preset == "smollm2-pruned":
         with state.main_process_first():  # one process converts the GGUF weights, the others then load them
@@ -360,8 +431,10 @@ def main(script_args: ScriptArguments, training_args: OPDConfig, model_args: Mod
         with state.main_process_first():  # one process builds the toy pair, the others then load it
             teacher, student, tokenizer = build_toy_pair(script_args.toy_cache_dir)
     else:
-        if model_args.model_name_or_path is None or training_args.teacher_model_name_or_path is None:
-            raise ValueError("With --dataset_name, set --model_name_or_path and --teacher_model_name_or_path.")
+        if model_args.model_name_or_path is None or (url is None and not script_args.teachers):
+            raise ValueError(
+                "With --dataset_name, set --model_name_or_path and --teacher_model_name_or_path (or --teachers)."
+            )
         # As in TRL's distillation script: the trainer loads both models (the teacher with teacher_model_init_kwargs).
         student, teacher = model_args.model_name_or_path, training_args.teacher_model_name_or_path
         training_args.model_init_kwargs = {
@@ -373,10 +446,19 @@ def main(script_args: ScriptArguments, training_args: OPDConfig, model_args: Mod
         quantization_config = get_quantization_config(model_args)
         tokenizer = AutoTokenizer.from_pretrained(student, revision=model_args.model_revision, padding_side="left")
     train_dataset, eval_dataset = load_data(script_args, training_args.seed)
+    if script_args.teachers and script_args.dataset_name is None:
+        train_dataset = with_problem_types(train_dataset, training_args.teacher_column)
+
+    teacher_model = teachers_of(script_args, url, teacher)
+    if script_args.teacher_cache:
+        train_dataset = cached_teacher(
+            script_args.teacher_cache, train_dataset, teacher_model, tokenizer, training_args
+        )
+        teacher_model = None
 
     trainer = OPDTrainer(
         model=student,
-        teacher_model=teacher,
+        teacher_model=teacher_model,
         args=training_args,
         train_dataset=train_dataset,
         processing_class=tokenizer,
@@ -384,13 +466,19 @@ def main(script_args: ScriptArguments, training_args: OPDConfig, model_args: Mod
         peft_config=get_peft_config(model_args),
     )
 
+    # The bar: the one local teacher as TRL prepared it, else the preset's in-process teacher (also when it is served
+    # or one of several); a hub teacher that is only served or one of several is not evaluated here.
+    bar = trainer.teacher_model or (teacher if isinstance(teacher, torch.nn.Module) else None)
+    if bar is None and state.is_main_process:
+        print("No local teacher to evaluate: the report has the student's figures only.")
+
     def evaluations(phase: str) -> None:
         if script_args.eval_accuracy:
-            if phase == "before":
-                results["teacher"] = evaluate_accuracy(trainer.teacher_model, trainer, eval_dataset, script_args)
+            if phase == "before" and bar is not None:
+                results["teacher"] = evaluate_accuracy(bar, trainer, eval_dataset, script_args)
             results[f"student_{phase}"] = evaluate_accuracy(trainer.model_wrapped, trainer, eval_dataset, script_args)
-        if script_args.eval_kl:
-            divergence[phase] = evaluate_divergence(trainer, eval_dataset, script_args)
+        if script_args.eval_kl and bar is not None:
+            divergence[phase] = evaluate_divergence(trainer, bar, eval_dataset, script_args)
 
     results, divergence = {}, {}
     evaluations("before")
@@ -399,7 +487,7 @@ def main(script_args: ScriptArguments, training_args: OPDConfig, model_args: Mod
     trainer.save_model(training_args.output_dir)
     if state.is_main_process:
         report: dict[str, Any] = dict(results)
-        if results:
+        if "teacher" in results:
             recovery = gap_recovery(
                 *(results[name]["avg_at_k"] for name in ("teacher", "student_before", "student_after"))
             )

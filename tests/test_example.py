@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 from conftest import TINY_PAIR, load_example
 
+from trl_opd.teacher_server import serve
 from trl_opd.toy import build_toy_pair
 
 SMALL = [
@@ -64,6 +65,39 @@ def test_example_prints_its_table_and_writes_eval_json(flags, tiny_pair, tmp_pat
         assert divergence["n_tokens"] > 0 and divergence["reverse_kl"] >= 0 and divergence["forward_kl"] >= 0
     if "--use_peft" in flags:
         assert (tmp_path / "adapter_config.json").exists(), "--use_peft must save a LoRA adapter"
+
+
+def test_two_teachers_one_of_them_served_on_the_toy_world(tiny_pair, tmp_path, monkeypatch, capsys):
+    """`--teachers short=preset long=URL`: short problems from the in-process teacher, long ones from a served copy;
+    the loss is logged per teacher and the in-process teacher stays the bar of the report."""
+    example = load_example(monkeypatch)
+    monkeypatch.setattr(example, "build_toy_pair", lambda cache_dir=None: copy.deepcopy(tiny_pair))
+    teacher, _, tokenizer = tiny_pair
+    server = serve(copy.deepcopy(teacher), tokenizer, port=0, served_model_name="toy-teacher")
+    try:
+        flags = ["--teachers", "short=preset", f"long={server.url}", "--loss_support", "teacher_topk"]
+        example.main(*example.parse([*SMALL, *flags, "--loss_top_k", "4", "--output_dir", str(tmp_path)]))
+    finally:
+        server.shutdown()
+    printed = capsys.readouterr().out
+    assert "opd/loss/short" in printed and "opd/loss/long" in printed, printed
+    report = json.loads((tmp_path / "eval.json").read_text())
+    assert {"teacher", "student_before", "student_after", "gap_recovery"} <= set(report)
+
+
+def test_teacher_cache_is_built_once_then_trained_from_without_a_teacher(tiny_pair, tmp_path, monkeypatch, capsys):
+    """`--teacher_cache DIR`: the first run caches the teacher's top-k into DIR and trains from it; a second run
+    finds DIR and does not score again (the cache builder is replaced by one that fails)."""
+    example = load_example(monkeypatch)
+    monkeypatch.setattr(example, "build_toy_pair", lambda cache_dir=None: copy.deepcopy(tiny_pair))
+    cache = tmp_path / "cache"
+    flags = [*SMALL, "--prefix_source", "dataset", "--loss_support", "teacher_topk", "--loss_top_k", "4"]
+    example.main(*example.parse([*flags, "--teacher_cache", str(cache), "--output_dir", str(tmp_path / "a")]))
+    assert (cache / "dataset_info.json").exists()
+    monkeypatch.setattr(example, "cache_teacher_topk", lambda *args, **kwargs: pytest.fail("cache rebuilt"))
+    example.main(*example.parse([*flags, "--teacher_cache", str(cache), "--output_dir", str(tmp_path / "b")]))
+    report = json.loads((tmp_path / "b" / "eval.json").read_text())
+    assert {"teacher", "student_after", "gap_recovery"} <= set(report)
 
 
 @pytest.mark.parametrize("preset", ["toy", "smollm2-pruned"])

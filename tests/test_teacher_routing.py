@@ -113,9 +113,7 @@ def test_teacher_prefixes_are_written_by_each_rows_teacher(tokenizer, tmp_path):
     routed = teachers(tokenizer)
     server = serve(routed["beta"], tokenizer, port=0, served_model_name="beta")
     try:
-        args = make_config(
-            tmp_path, max_steps=1, prefix_source="teacher", loss_support="teacher_topk", loss_top_k=4
-        )
+        args = make_config(tmp_path, max_steps=1, prefix_source="teacher", loss_support="teacher_topk", loss_top_k=4)
         trainer = OPDTrainer(
             build_model(tokenizer, hidden_size=32, num_layers=1, seed=5),
             {"alpha": routed["alpha"], "beta": server.url},
@@ -194,8 +192,8 @@ def test_one_served_teacher_writes_the_teacher_prefixes(tokenizer, tmp_path):
         )
         seen = []
         compute_loss = trainer._compute_loss
-        trainer._compute_loss = lambda model, inputs, n: seen.append(inputs["completion_ids"]) or compute_loss(
-            model, inputs, n
+        trainer._compute_loss = lambda model, inputs, n: (
+            seen.append(inputs["completion_ids"]) or compute_loss(model, inputs, n)
         )
         trainer.train()
     finally:
@@ -230,7 +228,9 @@ def test_a_teacher_without_positions_on_this_rank_still_runs_its_kernels(monkeyp
             (name, (owner_tensor == k).nonzero().flatten(), Positions(teacher_hidden[owner_tensor == k], heads[k]))
             for k, name in enumerate(("alpha", "beta"))
         )
-        batch = LossBatch(Positions(student_hidden, student_head), RoutedAnswer(parts), torch.zeros(n, dtype=torch.long))
+        batch = LossBatch(
+            Positions(student_hidden, student_head), RoutedAnswer(parts), torch.zeros(n, dtype=torch.long)
+        )
         value = objective.evaluate(batch).per_position
         value.sum().backward()
         return value, len(calls)

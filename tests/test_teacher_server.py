@@ -18,7 +18,7 @@ import torch
 from trl.generation.vllm_client import VLLMClient
 
 from trl_opd.teacher_server import serve
-from trl_opd.toy import build_model
+from trl_opd.toy import build_model, build_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURE = json.loads((ROOT / "tests" / "fixtures" / "vllm_completion_prompt_logprobs.json").read_text())
@@ -283,3 +283,25 @@ def test_generation_has_vllms_shape_and_stop_semantics(server, tokenizer):
 def test_stop_token_ids_must_be_integers(server):
     response = post(server, "/v1/completions", {"prompt": [1, 2], "stop_token_ids": ["2"]})
     assert response.status_code == 400 and response.json()["error"]["param"] == "stop_token_ids"
+
+
+def test_serve_teacher_toy_serves_the_toy_teacher_with_the_toy_tokenizer(monkeypatch, capsys):
+    """`trl-opd serve-teacher toy` serves the example's toy teacher (built or loaded by `build_toy_pair`)."""
+    import types
+
+    from trl_opd import cli
+
+    tokenizer = build_tokenizer()
+    teacher = build_model(tokenizer, hidden_size=16, num_layers=1, seed=3)
+    served = {}
+
+    def fake_serve(model, tok, host, port, **kwargs):
+        served.update(model=model, tokenizer=tok, name=kwargs["served_model_name"])
+        httpd = types.SimpleNamespace(shutdown=lambda: None)
+        return types.SimpleNamespace(url="http://fake", httpd=httpd, wait=lambda: None, shutdown=lambda: None)
+
+    monkeypatch.setattr(cli, "build_toy_pair", lambda: (teacher, None, tokenizer))
+    monkeypatch.setattr(cli, "serve", fake_serve)
+    monkeypatch.setattr(cli.signal, "signal", lambda *args: None)
+    cli.main(["serve-teacher", "toy", "--device", "cpu"])
+    assert served["model"] is teacher and served["tokenizer"] is tokenizer and served["name"] == "toy"

@@ -875,7 +875,9 @@ def test_teacher_loading_matches_load_local_teacher(tokenizer, tmp_path):
     student, teacher = make_models(tokenizer)
     teacher.save_pretrained(tmp_path / "teacher")
     args = make_args(tmp_path / "out", teacher_model_init_kwargs={"dtype": "float32"})
-    trainer = DistillationTrainer(student, str(tmp_path / "teacher"), args, make_dataset(8), processing_class=tokenizer)
+    trainer = DistillationTrainer(
+        student, str(tmp_path / "teacher"), args, make_dataset(8), processing_class=tokenizer
+    )
     ours = load_local_teacher(trainer, str(tmp_path / "teacher"))
     theirs = trainer.teacher_model
     assert type(ours) is type(theirs) and ours.dtype == theirs.dtype and ours.device == theirs.device, broke(

@@ -14,8 +14,10 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from trl_opd.teacher_server import serve
+from trl_opd.toy import build_toy_pair
 
 GENERIC_TOKENIZERS = {"TokenizersBackend", "PreTrainedTokenizerFast"}
+TOY = "toy"  # MODEL naming the toy teacher
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -27,7 +29,12 @@ def build_parser() -> argparse.ArgumentParser:
         description="Serve MODEL (a local directory or a hub id) with /health, /v1/models, /v1/completions "
         "(prompt_logprobs scoring and sampling), /tokenize and /detokenize, as `vllm serve` does.",
     )
-    teacher.add_argument("model", metavar="MODEL", help="a directory saved with save_pretrained, or a hub id")
+    teacher.add_argument(
+        "model",
+        metavar="MODEL",
+        help="a directory saved with save_pretrained, a hub id, or 'toy' (the toy teacher of `trl_opd.toy`, built or "
+        "loaded from its cache, as the example's toy preset uses it)",
+    )
     teacher.add_argument("--host", default="127.0.0.1")
     teacher.add_argument("--port", type=int, default=8000, help="0 picks a free port")
     teacher.add_argument("--served-model-name", default=None, help="the name /v1/models reports (default: MODEL)")
@@ -50,8 +57,12 @@ def load_tokenizer(model: str) -> PreTrainedTokenizerBase:
 
 def serve_teacher(args: argparse.Namespace) -> None:
     """Load MODEL and its tokenizer, serve them until SIGTERM or Ctrl-C."""
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=getattr(torch, args.dtype)).to(args.device)
-    tokenizer = load_tokenizer(args.model)
+    if args.model == TOY:
+        model, _, tokenizer = build_toy_pair()
+        model = model.to(dtype=getattr(torch, args.dtype), device=args.device)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(args.model, dtype=getattr(torch, args.dtype)).to(args.device)
+        tokenizer = load_tokenizer(args.model)
     api_key = args.api_key or os.environ.get("VLLM_API_KEY") or None
     server = serve(
         model,

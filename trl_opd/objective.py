@@ -19,11 +19,10 @@ teacher.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NamedTuple
-
-import math
 
 import torch
 from trl.trainer.utils import maybe_gather_lm_head_ctx
@@ -63,7 +62,9 @@ class LossBatch:
         parts = []
         for name, index, answer in self.teacher.parts:
             student = Positions(self.student.hidden[index], self.student.head)
-            reference = None if self.reference is None else Positions(self.reference.hidden[index], self.reference.head)
+            reference = (
+                None if self.reference is None else Positions(self.reference.hidden[index], self.reference.head)
+            )
             parts.append((name, index, LossBatch(student, answer, self.token_ids[index], reference)))
         return parts
 
@@ -87,7 +88,9 @@ class LossBatch:
             teacher = TeacherTopK(torch.arange(k, device=teacher.ids.device)[None], uniform, uniform[:, 0])
         elif isinstance(teacher, RoutedAnswer):
             index = self.token_ids.new_zeros(1)
-            stand_ins = (LossBatch(self.student, answer, self.token_ids).placeholder() for _, _, answer in teacher.parts)
+            stand_ins = (
+                LossBatch(self.student, answer, self.token_ids).placeholder() for _, _, answer in teacher.parts
+            )
             teacher = RoutedAnswer(
                 tuple((name, index, stand_in.teacher) for (name, _, _), stand_in in zip(teacher.parts, stand_ins))
             )

@@ -89,7 +89,9 @@ class LocalTeacher:
         if bool(rows.all()) or any(key in inputs for key in MULTIMODAL_KEYS):
             hidden = self._hidden_states.frozen(self.model, unwrapped, inputs).to(mask.device)[mask]
         else:
-            keep = rows.nonzero().flatten() if bool(rows.any()) else torch.zeros(1, dtype=torch.long, device=mask.device)
+            keep = (
+                rows.nonzero().flatten() if bool(rows.any()) else torch.zeros(1, dtype=torch.long, device=mask.device)
+            )
             subset = {key: inputs[key][keep.to(inputs[key].device)] for key in ROW_KEYS}
             hidden = self._hidden_states.frozen(self.model, unwrapped, subset).to(mask.device)[mask[keep]]
         return Positions(hidden, OutputHead.from_model(unwrapped, temperature))

@@ -29,6 +29,7 @@ from trl.trainer.utils import maybe_gather_lm_head_ctx
 from .callbacks import OPDCallback
 from .checkpoints import resolve_resume_checkpoint
 from .config import OPDConfig
+from .diagnostics import repeated_token_mask
 from .heads import OutputHead, Positions
 from .hidden_states import HiddenStates
 from .objective import LossBatch, Objective
@@ -38,7 +39,6 @@ from .served_teacher import ServedTeacher, TeacherServerClient, is_served
 from .teacher_cache import CachedTeacher, cached_batch
 from .teacher_routing import TEACHER_INDEX, TeacherRouter, load_local_teacher
 from .teachers import LocalTeacher, Teacher
-from .diagnostics import repeated_token_mask
 from .telemetry import (
     MetricBuffer,
     completion_rates,

@@ -83,7 +83,8 @@ def validate_inputs(
     )
     if tools and teacher_prefixes and isinstance(teacher_model, Mapping):
         raise ValueError(
-            "Tool calling with teacher-written prefixes needs one teacher: with several, use `prefix_source='student'`."
+            "Tool calling with teacher-written prefixes needs one teacher: with several, use "
+            "`prefix_source='student'`."
         )
     if tools and uses_dataset:
         raise ValueError(
@@ -102,9 +103,7 @@ def validate_inputs(
         validate_topk_teacher(args, "the cached teacher")
 
 
-def validate_teacher_dict(
-    args: OPDConfig, teachers: Mapping[Any, Any], train_dataset: Any, eval_dataset: Any
-) -> None:
+def validate_teacher_dict(args: OPDConfig, teachers: Mapping[Any, Any], train_dataset: Any, eval_dataset: Any) -> None:
     """Several teachers: string names, each a model, id/path or URL, and every row naming one of them."""
     if not teachers:
         raise ValueError("`teacher_model` is an empty dict: give {name: model | id/path | URL} for each teacher.")
@@ -117,7 +116,7 @@ def validate_teacher_dict(
         if teacher is None or isinstance(teacher, Mapping):
             raise ValueError(
                 f"Teacher {name!r} is {type(teacher).__name__}: each teacher of the dict is a model, a model id/path "
-                "or the http(s) URL of a served teacher (a cached top-k serves one teacher, with `teacher_model=None`)."
+                "or the http(s) URL of a served teacher (a cached top-k serves one teacher: `teacher_model=None`)."
             )
     names = list(teachers)
     check_teacher_column(train_dataset, args.teacher_column, names, "train")
@@ -154,8 +153,8 @@ def validate_served_prefixes(args: OPDConfig, teacher: str) -> None:
     unsent += [knob for knob, plain in SAMPLING_DEFAULTS.items() if getattr(args, knob) != plain]
     if unsent:
         raise ValueError(
-            f"The sampling settings {unsent} would apply to the student's samples but not to those of {teacher}, which "
-            "samples at the teacher temperature alone. Drop them, or use `prefix_source='student'` or a local "
+            f"The sampling settings {unsent} would apply to the student's samples but not to those of {teacher}, "
+            "which samples at the teacher temperature alone. Drop them, or use `prefix_source='student'` or a local "
             "teacher."
         )
 

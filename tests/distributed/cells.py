@@ -6,8 +6,9 @@ accumulation). The catalogue has one cell per (backend, support) slot of a 4 × 
 5 cells covers every prefix, every support and (placed greedily) every extra. Every row also ends with
 `SERVED_CELL`: the teacher served over HTTP by one loopback `trl-opd serve-teacher` server that the harness starts
 and both ranks share, each scoring its own rows, and `ROUTED_CELL`: two local teachers routed per row, writing the
-prefixes of their own rows (every rank takes part in every teacher's generation and forward). CI runs each backend on its own row; a release
-(`scripts/distributed_matrix.py`) runs every backend on every cell, the full cross product.
+prefixes of their own rows (every rank takes part in every teacher's generation and forward). CI runs each backend
+on its own row; a release (`scripts/distributed_matrix.py`) runs every backend on every cell, the full cross
+product.
 """
 
 from __future__ import annotations
@@ -80,7 +81,14 @@ class Cell:
         grad_accum = {"grad_accum"} if self.accumulation > 1 else set()
         teachers = {"teacher:served"} if self.served else set()
         teachers |= {"teacher:routed"} if self.routed else set()
-        return {f"prefix:{self.prefix}", f"support:{self.support}", *self.extras, *grad_accum, "diagnostics", *teachers}
+        return {
+            f"prefix:{self.prefix}",
+            f"support:{self.support}",
+            *self.extras,
+            *grad_accum,
+            "diagnostics",
+            *teachers,
+        }
 
     def overrides(self, num_processes: int) -> dict[str, Any]:
         """`OPDConfig` keyword arguments: the same global batch of `GLOBAL_BATCH` rows for any process count."""
@@ -169,9 +177,7 @@ def _row(backend_index: int) -> list[Cell]:
 SERVED_CELL = Cell("student", "teacher_topk", "mixed", served=True)
 # Several teachers: teacher prefixes written per row's teacher, on the whole vocabulary.
 ROUTED_CELL = Cell("teacher", "full", "forward", routed=True)
-CI_CELLS: dict[str, list[Cell]] = {
-    backend: [*_row(i), SERVED_CELL, ROUTED_CELL] for i, backend in enumerate(BACKENDS)
-}
+CI_CELLS: dict[str, list[Cell]] = {backend: [*_row(i), SERVED_CELL, ROUTED_CELL] for i, backend in enumerate(BACKENDS)}
 CELLS: dict[str, Cell] = {cell.name: cell for row in CI_CELLS.values() for cell in row}
 # The NaN-on-one-rank fault under each `nonfinite_policy`, on dataset prefixes (no generation: only the loss's teacher
 # forward runs the hooked norm).
