@@ -181,27 +181,30 @@ def training_texts(split: str, slip_fraction: float, slip_rate: float, seed: int
     rows = []
     for prompt, solution, _ in problem_pool(split):
         if rng.random() < slip_fraction:
-            rows.append((prompt, *slipped_solution(*_numbers(prompt), rng, slip_rate)))
+            rows.append((prompt, *slipped_solution(*parse_prompt(prompt), rng, slip_rate)))
         else:
             rows.append((prompt, solution, []))
     return tuple(rows)
 
 
-def _numbers(prompt: str) -> tuple[int, int, int]:
-    start, add, bound = parse_prompt(prompt)
-    return start, add, bound
-
-
 @dataclass(frozen=True)
 class HorizonPairConfig(ToyPairConfig):
-    """The horizon world's pair (`trl_opd.toy.build_toy_pair(cache_dir, HorizonPairConfig())`): the teacher trained on
-    gold solutions and, for a `teacher_slip_fraction` share of problems, solutions with slips and corrections; the
-    student on gold solutions only."""
+    """The horizon world's pair (`trl_opd.toy.build_toy_pair(cache_dir, HorizonPairConfig())`): a 3-layer teacher
+    trained on gold solutions and, for a `teacher_slip_fraction` share of problems, on solutions with slips and
+    corrections (`slipped_solution` at `teacher_slip_rate`); a 2-layer, narrower student on gold solutions only,
+    for fewer steps. Small batches and a high learning rate: on two CPU cores the number of updates, not the batch,
+    is what the build's time budget buys."""
 
+    teacher_hidden_size: int = 96
+    teacher_num_layers: int = 3
+    teacher_steps: int = 700
+    student_hidden_size: int = 64
+    student_num_layers: int = 2
+    student_steps: int = 300
+    batch_size: int = 16
+    learning_rate: float = 5e-3
     teacher_slip_fraction: float = 0.5
     teacher_slip_rate: float = 0.15
-    teacher_steps: int = 600
-    student_steps: int = 200
 
     def training_data(self, role: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         fraction = self.teacher_slip_fraction if role == "teacher" else 0.0
