@@ -6,11 +6,11 @@ default (mixed KL on student prefixes), forward KL on dataset (gold) prefixes, a
 `EntropyGatedLengthCurriculum`. Every objective runs `--steps` steps for each of `--seeds` (equal steps); then every
 objective whose training time differs from the default's by more than 10% runs again with its steps scaled so that
 its training time matches the default's (equal wall time; off with `--no_equal_time`). Held-out metrics on
-`--n_eval` problems, sampled from the student at temperature 1: Avg@k and Pass@k, mean completion length and
+`--n_eval` problems, sampled from the student at the training temperature: Avg@k and Pass@k, mean completion length and
 truncation rate (`trl_opd.evaluation.evaluate`), the student's entropy on its own samples (`heldout_divergence`).
 Training wall time excludes evaluation. Each run is a fresh child process.
 
-    python benchmarks/paper_tradeoffs.py                         # ~35 minutes on 2 CPU cores
+    python benchmarks/paper_tradeoffs.py                         # 14 runs + reruns; not yet timed on an idle machine
     python benchmarks/paper_tradeoffs.py --seeds 0 1 2 --steps 300 --n_eval 200
     python benchmarks/paper_tradeoffs.py --plot_only             # re-plot benchmarks/results/paper_tradeoffs.json
 
