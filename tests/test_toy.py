@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import random
 import re
 
 import pytest
 import torch
 from conftest import TINY_PAIR
 
-from trl_opd import toy
+from trl_opd import horizon, toy
 from trl_opd.toy import (
     ToyPairConfig,
     build_model,
@@ -126,3 +127,86 @@ def test_build_toy_pair_trains_once_then_loads(tmp_path, monkeypatch):
 
     build_toy_pair(tmp_path, ToyPairConfig(**{**TINY_PAIR.__dict__, "student_steps": 1}), progress=False)
     assert calls[2:] == [TINY_PAIR.teacher_steps, 1]  # changed settings: a new build
+
+
+# The horizon world (trl_opd.horizon): long solutions, slips and their corrections.
+
+
+def _replay(prompt: str, solution: str) -> tuple[int, int, int, list[str]]:
+    """(start, added digit, bound) of `prompt` and the lines of `solution`, with the prompt's format checked."""
+    start, add, bound = (int(n) for n in re.fullmatch(r"Add (\d) to (\d+) until over (\d+)\.", prompt).group(2, 1, 3))
+    return start, add, bound, solution.split("\n")
+
+
+def test_horizon_solutions_are_long_chains_that_stop_just_past_the_bound():
+    lengths = []
+    for split in ("train", "eval"):
+        for prompt, solution, answer in horizon.problem_pool(split)[::7]:
+            start, add, bound, lines = _replay(prompt, solution)
+            *steps, final = lines
+            assert final == f"#### {answer}"
+            assert horizon.MIN_STEPS <= len(steps) <= horizon.MAX_STEPS
+            total = start
+            for line in steps:
+                assert total <= bound and line == f"{total}+{add}={total + add}"
+                total += add
+            assert total == answer > bound  # the first total past the bound, not one step later
+            lengths.append(len(solution))
+    assert sum(lengths) / len(lengths) >= 80 and max(lengths) <= 120  # a horizon of ~100+ tokens, bounded
+
+
+def test_horizon_splits_are_disjoint_deterministic_and_drawn_reproducibly():
+    train = {prompt for prompt, _, _ in horizon.problem_pool("train")}
+    evaluation = {prompt for prompt, _, _ in horizon.problem_pool("eval")}
+    assert not train & evaluation and len(evaluation) >= 500 and len(train) >= 5000
+    assert all(horizon.split_of(prompt) == "eval" for prompt in evaluation)
+    first = horizon.make_dataset(40, seed=3, split="eval")
+    assert first.to_dict() == horizon.make_dataset(40, seed=3, split="eval").to_dict()
+    assert {row[0]["content"] for row in first["prompt"]} <= evaluation
+    assert first.column_names == ["prompt", "completion", "answer"]
+    with pytest.raises(ValueError, match="cannot draw"):
+        horizon.make_dataset(len(evaluation) + 1, split="eval")
+
+
+def test_horizon_slips_are_wrong_masked_and_followed_by_the_corrected_step():
+    rng = random.Random(0)
+    kinds = set()
+    for prompt, gold, answer in horizon.problem_pool("train")[:300]:
+        start, add, bound, _ = _replay(prompt, gold)
+        text, spans = horizon.slipped_solution(start, add, bound, rng, slip_rate=0.2)
+        assert spans and text.endswith(f"#### {answer}")
+        masked = iter(spans)
+        total, offset = start, 0
+        for line in text.split("\n")[:-1]:
+            correct = f"{total}+{add}={total + add}"
+            if line.endswith(horizon.CORRECTION):  # a slip: wrong, masked from its first wrong character on
+                shown = line.removesuffix(horizon.CORRECTION)
+                x, a, _ = map(int, re.fullmatch(r"(\d+)\+(\d)=(\d+)", shown).groups())
+                if total > bound:
+                    kinds.add("overrun")
+                    assert shown == correct and next(masked) == (offset, offset + len(shown))
+                else:
+                    assert shown != correct
+                    kinds.add("operand" if a != add else "carry" if x != total else "result")
+                    first = next(i for i, (s, c) in enumerate(zip(shown, correct)) if s != c)
+                    assert next(masked) == (offset + first, offset + len(shown))
+            else:  # every other line is the gold step: a slip never changes what follows its correction
+                assert line == correct
+                total += add
+            offset += len(line) + 1
+        assert next(masked, None) is None and total == answer
+    assert kinds == {"result", "operand", "carry", "overrun"}
+
+
+def test_horizon_teacher_data_masks_the_slips_and_the_student_sees_gold_only(tokenizer):
+    config = horizon.HorizonPairConfig()
+    texts = horizon.training_texts("train", config.teacher_slip_fraction, config.teacher_slip_rate)
+    assert texts == horizon.training_texts("train", config.teacher_slip_fraction, config.teacher_slip_rate)
+    slipped = [row for row in texts if row[2]]
+    assert 0.4 < len(slipped) / len(texts) < 0.6
+    input_ids, lengths, labels = horizon.encode(slipped[:20])
+    for row, (_, text, spans) in enumerate(slipped[:20]):
+        trained = tokenizer.decode(labels[row][labels[row] != -100])
+        expected = "".join(text[end:begin] for (_, end), (begin, _) in zip([(0, 0), *spans], [*spans, (len(text), 0)]))
+        assert trained == expected + tokenizer.eos_token  # everything but the slipped characters
+        assert horizon.CORRECTION in trained

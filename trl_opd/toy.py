@@ -191,15 +191,17 @@ def train_sft(
     warmup_ratio: float = 0.05,
     progress: bool = True,
     description: str = "toy SFT",
+    data: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
 ) -> Qwen2ForCausalLM:
     """Train `model` (built over the toy tokenizer) in place on the gold solutions of the train split and return it in
     eval mode.
 
     A plain torch loop (AdamW, linear warm-up then cosine decay to zero, gradient clipping at 1) rather than
     `trl.SFTTrainer`: on two CPU cores the Trainer's per-step overhead is a large share of a 0.1-0.2 s step, and a loop
-    that samples batches from its own seeded generator is reproducible run to run on a given machine.
+    that samples batches from its own seeded generator is reproducible run to run on a given machine. `data` replaces
+    the gold solutions with other (input ids, lengths, labels) in `encode_pool`'s layout (another world's, say).
     """
-    input_ids, lengths, labels = encode_pool("train")
+    input_ids, lengths, labels = encode_pool("train") if data is None else data
     generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, betas=(0.9, 0.98), weight_decay=0.0)
     warmup = max(1, int(warmup_ratio * steps))
@@ -253,6 +255,11 @@ class ToyPairConfig:
     batch_size: int = 32
     learning_rate: float = 2e-3
 
+    def training_data(self, role: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """What the `role` ("teacher" or "student") model is trained on, in `encode_pool`'s layout: here, for both,
+        the gold solutions of the train split (another world overrides this)."""
+        return encode_pool("train")
+
     def key(self) -> str:
         """A short hash of the settings (and of `TOY_VERSION`) that names the pair's cache folder."""
         settings = json.dumps({**asdict(self), "toy_version": TOY_VERSION}, sort_keys=True)
@@ -282,6 +289,7 @@ def _train(tokenizer: PreTrainedTokenizerFast, config: ToyPairConfig, role: str,
         seed=settings["seed"],
         progress=progress,
         description=f"toy {role} SFT",
+        data=config.training_data(role),
     )
 
 
