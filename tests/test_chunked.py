@@ -56,7 +56,7 @@ def compare(student_hidden, teacher_hidden, student, teacher, tokens, **kwargs):
         torch.testing.assert_close(got_grad, expected_grad, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("support,direction", itertools.product(SUPPORTS, DIRECTIONS))
+@pytest.mark.parametrize("support,direction", list(itertools.product(SUPPORTS, DIRECTIONS)))
 def test_hidden_state_paths_match_logit_reference(support, direction):
     compare(
         *heads(bias=False, scale=1.0, softcap=None),

@@ -173,7 +173,7 @@ def _np_topk_reference(student, teacher, support, k, tail, direction, weight=0.5
     return out
 
 
-@pytest.mark.parametrize("support,direction,tail", itertools.product(TOPK, DIRECTIONS, (False, True)))
+@pytest.mark.parametrize("support,direction,tail", list(itertools.product(TOPK, DIRECTIONS, (False, True))))
 def test_topk_supports_match_explicit_sets(support, direction, tail):
     student, teacher = logits_pair(scale=1.5)
     got = per_token_divergence(
@@ -190,7 +190,7 @@ def test_topk_supports_match_explicit_sets(support, direction, tail):
     np.testing.assert_allclose(got.numpy(), expected, rtol=1e-8, atol=1e-10)
 
 
-@pytest.mark.parametrize("support,direction", itertools.product(TOPK, DIRECTIONS))
+@pytest.mark.parametrize("support,direction", list(itertools.product(TOPK, DIRECTIONS)))
 def test_truncated_kl_with_tail_is_never_negative_on_adversarial_logits(support, direction):
     """Supports holding ~all or ~none of one side's mass, huge logit ranges, fp32: the tail keeps KL ≥ 0."""
     cases = []

@@ -64,7 +64,7 @@ def weights(model):
     return {name: p.detach().clone() for name, p in model.named_parameters()}
 
 
-@pytest.mark.parametrize("prefix_source,kl_direction", itertools.product(PREFIX_SOURCES, DIRECTIONS))
+@pytest.mark.parametrize("prefix_source,kl_direction", list(itertools.product(PREFIX_SOURCES, DIRECTIONS)))
 def test_every_objective_trains_and_writes_a_loadable_checkpoint(
     student, teacher, tokenizer, tmp_path, prefix_source, kl_direction
 ):
