@@ -346,6 +346,13 @@ class OPDConfig(DistillationConfig):
         )
 
     @property
+    def uses_teacher_prefixes(self) -> bool:
+        """True when some generation batches are written by the teacher."""
+        return self.prefix_source == "teacher" or (
+            self.prefix_source == "mixed" and self.off_policy_source == "teacher"
+        )
+
+    @property
     def resolved_teacher_temperature(self) -> float:
         """The teacher's softmax temperature: `teacher_temperature`, or `temperature` when unset."""
         return self.temperature if self.teacher_temperature is None else self.teacher_temperature

@@ -22,7 +22,6 @@ student is trained on gold solutions only.
 
 from __future__ import annotations
 
-import hashlib
 import random
 from dataclasses import dataclass
 from functools import lru_cache
@@ -30,14 +29,12 @@ from functools import lru_cache
 import torch
 from datasets import Dataset
 
-from .toy import ToyPairConfig, build_tokenizer
+from .toy import SPLITS, ToyPairConfig, build_tokenizer, draw_dataset, split_of
 
 MIN_START, MAX_START = 10, 99
 MIN_ADD, MAX_ADD = 2, 9
 MIN_STEPS, MAX_STEPS = 8, 14
 MAX_TOTAL = 99  # two-digit totals: every line "xx+a=yy" has the same length
-EVAL_BUCKETS = 10  # a problem belongs to the "eval" split iff the hash of its prompt is 0 modulo EVAL_BUCKETS
-SPLITS = ("train", "eval")
 CORRECTION = " no"  # what follows a slipped line before it is redone
 SLIP_KINDS = ("result", "operand", "carry", "overrun")
 
@@ -54,12 +51,6 @@ def solve(start: int, add: int, bound: int) -> tuple[str, int]:
         total += add
     lines.append(f"#### {total}")
     return "\n".join(lines), total
-
-
-def split_of(prompt: str) -> str:
-    """The split ("train" or "eval") of a prompt, fixed by a hash of its text so that the splits never overlap."""
-    bucket = int(hashlib.sha256(prompt.encode()).hexdigest()[:8], 16) % EVAL_BUCKETS
-    return "eval" if bucket == 0 else "train"
 
 
 @lru_cache(maxsize=len(SPLITS))
@@ -86,17 +77,7 @@ def problem_pool(split: str) -> tuple[tuple[str, str, int], ...]:
 def make_dataset(n: int, seed: int = 0, split: str = "train") -> Dataset:
     """`n` distinct problems of `split`, drawn reproducibly with `seed`, as a conversational prompt-completion dataset
     with an `answer` column (the layout of `trl_opd.toy.make_dataset`)."""
-    pool = problem_pool(split)
-    if not 0 <= n <= len(pool):
-        raise ValueError(f"The {split!r} split has {len(pool)} problems; cannot draw {n}.")
-    problems = random.Random(seed).sample(pool, n)
-    return Dataset.from_dict(
-        {
-            "prompt": [[{"role": "user", "content": prompt}] for prompt, _, _ in problems],
-            "completion": [[{"role": "assistant", "content": solution}] for _, solution, _ in problems],
-            "answer": [str(answer) for _, _, answer in problems],
-        }
-    )
+    return draw_dataset(problem_pool(split), n, seed, split)
 
 
 def parse_prompt(prompt: str) -> tuple[int, int, int]:

@@ -150,7 +150,12 @@ def make_dataset(n: int, seed: int = 0, split: str = "train") -> Dataset:
     `answer` (the sum as a string, for `trl_opd.evaluation`). Raises `ValueError` if the split has fewer than `n`
     problems.
     """
-    pool = problem_pool(split)
+    return draw_dataset(problem_pool(split), n, seed, split)
+
+
+def draw_dataset(pool: Sequence[tuple[str, str, int]], n: int, seed: int, split: str) -> Dataset:
+    """`n` distinct (prompt, solution, answer) problems of `pool` (the `split` of some toy world), drawn reproducibly
+    with `seed`, in `make_dataset`'s layout."""
     if not 0 <= n <= len(pool):
         raise ValueError(f"The {split!r} split has {len(pool)} problems; cannot draw {n}.")
     problems = random.Random(seed).sample(pool, n)

@@ -155,10 +155,11 @@ class OPDTrainer(DistillationTrainer):
         teachers = {}
         for name, teacher in teacher_model.items():
             prepared = None if is_served(teacher) else load_local_teacher(self, teacher)
-            if prepared is not None and vocab_size(self.accelerator.unwrap_model(prepared)) != vocabulary:
+            size = None if prepared is None else vocab_size(self.accelerator.unwrap_model(prepared))
+            if size is not None and size != vocabulary:
                 raise ValueError(
-                    f"Teacher {name!r} has a vocabulary of {vocab_size(self.accelerator.unwrap_model(prepared))} "
-                    f"entries but the student's has {vocabulary}: use teachers from the student's model family."
+                    f"Teacher {name!r} has a vocabulary of {size} entries but the student's has {vocabulary}: use "
+                    "teachers from the student's model family."
                 )
             teachers[name] = self._one_teacher(teacher, vocabulary, prepared)
         return TeacherRouter(teachers, self.args.teacher_column)

@@ -78,9 +78,7 @@ def validate_inputs(
     needs_completion = uses_dataset or args.gold_sft_weight > 0
     validate_prompt_dataset(train_dataset, "train_dataset", needs_completion=needs_completion)
     validate_prompt_dataset(eval_dataset, "eval_dataset", needs_completion=needs_completion)
-    teacher_prefixes = args.prefix_source == "teacher" or (
-        args.prefix_source == "mixed" and args.off_policy_source == "teacher"
-    )
+    teacher_prefixes = args.uses_teacher_prefixes
     if tools and teacher_prefixes and isinstance(teacher_model, Mapping):
         raise ValueError(
             "Tool calling with teacher-written prefixes needs one teacher: with several, use "
