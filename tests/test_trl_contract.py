@@ -82,14 +82,14 @@ USED_IN = {
     "trl.trainer.utils.maybe_gather_lm_head_ctx": (
         "trl_opd/heads.py (OutputHead.logits/logits_at), trl_opd/chunked.py (token_log_probs, "
         "divergence_from_hidden), "
-        "trl_opd/objective.py (Objective.evaluate), trl_opd/trainer.py (OPDTrainer._skipped)"
+        "trl_opd/objective.py (Objective.evaluate), trl_opd/nonfinite.py (skipped_loss)"
     ),
     "trl.trainer.utils.RepeatSampler": "trl_opd/train_sampler.py (EpochSeededRepeatSampler)",
     "trl.models.prepare_deepspeed": (
-        "trl_opd/reference.py (InitialStudent), trl_opd/teacher_routing.py (load_local_teacher)"
+        "trl_opd/reference.py (InitialStudent), trl_opd/teacher_loading.py (load_local_teacher)"
     ),
     "DistillationTrainer.__init__ teacher loading": (
-        "trl_opd/teacher_routing.py (load_local_teacher loads and prepares each local teacher of a dict as TRL does "
+        "trl_opd/teacher_loading.py (load_local_teacher loads and prepares each local teacher of a dict as TRL does "
         "its single one, with trl.trainer.utils.create_model_from_path)"
     ),
     "trl.kernels.chunked_divergence.ChunkedDivergenceFunction": "trl_opd/chunked.py (full_divergence)",
@@ -866,7 +866,7 @@ def test_teacher_loading_matches_load_local_teacher(tokenizer, tmp_path):
     does its `teacher_model`: same class, dtype, device, weights and evaluation mode."""
     from trl.trainer.utils import create_model_from_path
 
-    from trl_opd.teacher_routing import load_local_teacher
+    from trl_opd.teacher_loading import load_local_teacher
 
     internal = "DistillationTrainer.__init__ teacher loading"
     assert parameters(create_model_from_path)[:1] == ["model_id"], broke(

@@ -16,33 +16,10 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
-from transformers import PreTrainedModel
-from trl.models import prepare_deepspeed
-from trl.trainer.utils import create_model_from_path
 
 from .teachers import RoutedAnswer, Teacher
 
 TEACHER_INDEX = "teacher_index"  # (B,) key of the generation batch: each row's position in `TeacherRouter.names`
-
-
-def load_local_teacher(trainer: Any, teacher: str | PreTrainedModel) -> torch.nn.Module:
-    """One local teacher of a dict, loaded and prepared the way `trl.DistillationTrainer.__init__` does its single
-    `teacher_model`: from `args.teacher_model_init_kwargs` when given as an id/path, then `prepare_deepspeed` under
-    DeepSpeed or `accelerator.prepare_model(evaluation_mode=True)` otherwise (DDP, FSDP, one process)."""
-    args = trainer.args
-    if isinstance(teacher, str):
-        kwargs = dict(args.teacher_model_init_kwargs or {})
-        dtype = kwargs.get("dtype")
-        kwargs["dtype"] = dtype if dtype in ("auto", None) else getattr(torch, dtype)
-        if args.teacher_model_revision is not None:
-            kwargs.setdefault("revision", args.teacher_model_revision)
-        if args.distributed_state.distributed_type in ("MULTI_GPU", "DEEPSPEED"):
-            kwargs["device_map"] = None
-        kwargs.setdefault("trust_remote_code", args.trust_remote_code)
-        teacher = create_model_from_path(teacher, **kwargs)
-    if trainer.is_deepspeed_enabled:
-        return prepare_deepspeed(teacher, trainer.accelerator)
-    return trainer.accelerator.prepare_model(teacher, evaluation_mode=True)
 
 
 def unknown_teacher_error(column: str, value: Any, names: Sequence[str], where: str) -> ValueError:

@@ -24,7 +24,6 @@ import torch
 from datasets import Dataset
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, ProcessorMixin, TrainerCallback
 from trl import DistillationTrainer
-from trl.trainer.utils import maybe_gather_lm_head_ctx
 
 from .callbacks import OPDCallback
 from .checkpoints import resolve_resume_checkpoint
@@ -32,13 +31,14 @@ from .config import OPDConfig
 from .diagnostics import repeated_token_mask
 from .heads import OutputHead, Positions
 from .hidden_states import HiddenStates
+from .nonfinite import NonFiniteLossError, nonfinite_message, nonfinite_ranks, skipped_loss
 from .objective import LossBatch, Objective
 from .prefixes import PrefixWriter, dataset_completions, draw_prefix_source, padded_completions
 from .reference import InitialStudent
-from .served_teacher import ServedTeacher, TeacherServerClient, is_served
+from .served_teacher import is_served
 from .teacher_cache import CachedTeacher, cached_batch
-from .teacher_routing import TEACHER_INDEX, TeacherRouter, load_local_teacher
-from .teachers import LocalTeacher, Teacher
+from .teacher_loading import build_teacher
+from .teacher_routing import TEACHER_INDEX, TeacherRouter
 from .telemetry import (
     MetricBuffer,
     completion_rates,
@@ -61,11 +61,6 @@ warnings.filterwarnings(
 )
 
 THINK_TAGS = ("<think>", "</think>")
-NONFINITE_SOURCES = ("student", "teacher", "reference", "gold", "loss")  # bit i of a rank's non-finite code
-
-
-class NonFiniteLossError(FloatingPointError):
-    """The teacher's or student's hidden states, or the loss, were NaN/inf (see `nonfinite_policy`)."""
 
 
 class OPDTrainer(DistillationTrainer):
@@ -139,42 +134,11 @@ class OPDTrainer(DistillationTrainer):
         validate_prepared(args, self._tokenizer, vocabulary)
         self.special_token_ids = self._loss_masked_token_ids()
         self.hidden_states = HiddenStates(self._get_last_hidden_state, self._forward_redirection)
-        self.teacher = self._build_teacher(teacher_model, vocabulary)
+        self.teacher = build_teacher(self, teacher_model, vocabulary)
         self.reference = InitialStudent(self, self.hidden_states) if args.ref_kl_coef > 0 else None
         self.prefixes = PrefixWriter(self)
         self.metric_buffer = MetricBuffer()
         self._eval_draws = 0
-
-    def _build_teacher(self, teacher_model: Any, vocabulary: int) -> Teacher:
-        """The teacher the loss asks: the top-k cached in the dataset (no `teacher_model`), several teachers routed
-        per row (a dict), or one teacher (`_one_teacher`)."""
-        if teacher_model is None:
-            return CachedTeacher()
-        if not isinstance(teacher_model, Mapping):
-            return self._one_teacher(teacher_model, vocabulary, self.teacher_model)
-        teachers = {}
-        for name, teacher in teacher_model.items():
-            prepared = None if is_served(teacher) else load_local_teacher(self, teacher)
-            size = None if prepared is None else vocab_size(self.accelerator.unwrap_model(prepared))
-            if size is not None and size != vocabulary:
-                raise ValueError(
-                    f"Teacher {name!r} has a vocabulary of {size} entries but the student's has {vocabulary}: use "
-                    "teachers from the student's model family."
-                )
-            teachers[name] = self._one_teacher(teacher, vocabulary, prepared)
-        return TeacherRouter(teachers, self.args.teacher_column)
-
-    def _one_teacher(self, teacher_model: Any, vocabulary: int, prepared: torch.nn.Module | None) -> Teacher:
-        """The server at a URL (checked at start-up), or a `prepared` local model."""
-        if not is_served(teacher_model):
-            return LocalTeacher(prepared, self.accelerator.unwrap_model, self.hidden_states)
-        args = self.args
-        client = TeacherServerClient(
-            teacher_model, timeout=args.teacher_request_timeout, max_retries=args.teacher_max_retries
-        )
-        teacher = ServedTeacher(client, self._tokenizer, vocabulary)
-        teacher.check(args.resolved_teacher_temperature)
-        return teacher
 
     @property
     def ref_model(self) -> torch.nn.Module | None:
@@ -341,7 +305,7 @@ class OPDTrainer(DistillationTrainer):
         batch, mask = self._loss_batch(objective, unwrapped_student, inputs)
         value = objective.evaluate(batch)
         if not self._all_ranks_finite(batch, value):  # every rank skips this micro-batch (or all raised)
-            return self._skipped(batch), value.entropy.new_zeros(()), mask.sum()
+            return skipped_loss(batch.student), value.entropy.new_zeros(()), mask.sum()
         self.metric_buffer.record(value.metrics)
         denominator = mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch
         loss = value.per_position.sum() / denominator
@@ -353,27 +317,17 @@ class OPDTrainer(DistillationTrainer):
         return loss, value.entropy.sum(), mask.sum()
 
     def _all_ranks_finite(self, batch: LossBatch, value) -> bool:
-        """One collective decision on NaN/inf: every rank learns which ranks saw one, then all raise the same
-        `NonFiniteLossError` (`nonfinite_policy='stop'`) or all skip the micro-batch ('skip')."""
+        """One collective decision on NaN/inf (`trl_opd.nonfinite`): every rank raises the same
+        `NonFiniteLossError` (`nonfinite_policy='stop'`) or every rank skips the micro-batch ('skip')."""
         bad = batch.nonfinite()
         losses = [value.per_position] + ([value.per_gold_token] if value.per_gold_token is not None else [])
         if not all(bool(torch.isfinite(loss).all()) for loss in losses):
             bad.append("loss")
-        code = sum(1 << NONFINITE_SOURCES.index(name) for name in bad)
-        codes = self.accelerator.gather(torch.tensor([code], device=self.accelerator.device)).tolist()
-        if not any(codes):
+        per_rank = nonfinite_ranks(self.accelerator, bad)
+        if not any(per_rank.values()):
             return True
-        per_rank = {
-            rank: [name for i, name in enumerate(NONFINITE_SOURCES) if c >> i & 1] for rank, c in enumerate(codes)
-        }
-        where = "; ".join(f"rank {rank}: {', '.join(names)}" for rank, names in per_rank.items() if names)
-        seen = [name for name in NONFINITE_SOURCES if any(name in names for names in per_rank.values())]
-        what = "loss" if seen == ["loss"] else f"{seen[0]} hidden states"
         accumulation = max(self.args.gradient_accumulation_steps, 1)
-        message = (
-            f"Non-finite {what} at global step {self.state.global_step}, micro-batch {self._step % accumulation} "
-            f"of the accumulation window ({where})."
-        )
+        message = nonfinite_message(per_rank, self.state.global_step, self._step % accumulation)
         if self.args.nonfinite_policy == "stop":
             raise NonFiniteLossError(
                 f"{message} Training stopped before updating on it. Check the teacher (dtype overflow, e.g. fp16), "
@@ -382,12 +336,3 @@ class OPDTrainer(DistillationTrainer):
         warnings.warn(f"{message} Skipped on every rank (`nonfinite_policy='skip'`): zero loss.", stacklevel=2)
         self._metrics["train" if self.model.training else "eval"]["opd/skipped_nonfinite"].append(1.0)
         return False
-
-    @staticmethod
-    def _skipped(batch: LossBatch) -> torch.Tensor:
-        """A zero loss tied to every trainable parameter of the student (backbone through its hidden states, and its
-        head), so that DDP, DeepSpeed and FSDP run their gradient reduction as on any other micro-batch."""
-        head = batch.student.head
-        with maybe_gather_lm_head_ctx(head.weight, head.bias):
-            tied = torch.nan_to_num(batch.student.hidden, 0, 0, 0).sum() + head.weight.sum()
-            return 0.0 * (tied if head.bias is None else tied + head.bias.sum())
