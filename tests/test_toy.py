@@ -133,32 +133,32 @@ def test_build_toy_pair_trains_once_then_loads(tmp_path, monkeypatch):
 
 
 def _replay(prompt: str, solution: str) -> tuple[int, int, int, list[str]]:
-    """(start, added digit, bound) of `prompt` and the lines of `solution`, with the prompt's format checked."""
-    start, add, bound = (int(n) for n in re.fullmatch(r"Add (\d) to (\d+) until over (\d+)\.", prompt).group(2, 1, 3))
-    return start, add, bound, solution.split("\n")
+    """(start, added digit, additions) of `prompt` and the lines of `solution`, with the prompt's format checked."""
+    start, add, steps = (int(n) for n in re.fullmatch(r"Add (\d) to (\d+), (\d+) times\.", prompt).group(2, 1, 3))
+    return start, add, steps, solution.split("\n")
 
 
-def test_horizon_solutions_are_long_chains_that_stop_just_past_the_bound():
+def test_horizon_solutions_are_long_chains_counted_down_to_the_answer():
     lengths = []
     for split in ("train", "eval"):
         for prompt, solution, answer in horizon.problem_pool(split)[::7]:
-            start, add, bound, lines = _replay(prompt, solution)
-            *steps, final = lines
+            start, add, steps, lines = _replay(prompt, solution)
+            *written, final = lines
             assert final == f"#### {answer}"
-            assert horizon.MIN_STEPS <= len(steps) <= horizon.MAX_STEPS
+            assert horizon.MIN_STEPS <= len(written) == steps <= horizon.MAX_STEPS
             total = start
-            for line in steps:
-                assert total <= bound and line == f"{total}+{add}={total + add}"
+            for left, line in zip(range(steps, 0, -1), written):
+                assert line == f"{left}: {total}+{add}={total + add}"
                 total += add
-            assert total == answer > bound  # the first total past the bound, not one step later
+            assert total == answer <= horizon.MAX_TOTAL
             lengths.append(len(solution))
-    assert sum(lengths) / len(lengths) >= 80 and max(lengths) <= 120  # a horizon of ~100+ tokens, bounded
+    assert sum(lengths) / len(lengths) >= 100 and max(lengths) <= 200  # a horizon of ~100+ tokens, bounded
 
 
 def test_horizon_splits_are_disjoint_deterministic_and_drawn_reproducibly():
     train = {prompt for prompt, _, _ in horizon.problem_pool("train")}
     evaluation = {prompt for prompt, _, _ in horizon.problem_pool("eval")}
-    assert not train & evaluation and len(evaluation) >= 500 and len(train) >= 5000
+    assert not train & evaluation and len(evaluation) >= 500 and len(train) >= 4500
     assert all(horizon.split_of(prompt) == "eval" for prompt in evaluation)
     first = horizon.make_dataset(40, seed=3, split="eval")
     assert first.to_dict() == horizon.make_dataset(40, seed=3, split="eval").to_dict()
@@ -168,34 +168,31 @@ def test_horizon_splits_are_disjoint_deterministic_and_drawn_reproducibly():
         horizon.make_dataset(len(evaluation) + 1, split="eval")
 
 
-def test_horizon_slips_are_wrong_masked_and_followed_by_the_corrected_step():
+def test_horizon_slips_are_cut_at_the_wrong_digit_masked_and_followed_by_the_redone_line():
     rng = random.Random(0)
-    kinds = set()
+    kinds, doubts = set(), 0
     for prompt, gold, answer in horizon.problem_pool("train")[:300]:
-        start, add, bound, _ = _replay(prompt, gold)
-        text, spans = horizon.slipped_solution(start, add, bound, rng, slip_rate=0.2)
+        start, add, steps, _ = _replay(prompt, gold)
+        text, spans = horizon.slipped_solution(start, add, steps, rng, slip_rate=0.2)
         assert spans and text.endswith(f"#### {answer}")
         masked = iter(spans)
-        total, offset = start, 0
+        total, left, offset = start, steps, 0
         for line in text.split("\n")[:-1]:
-            correct = f"{total}+{add}={total + add}"
-            if line.endswith(horizon.CORRECTION):  # a slip: wrong, masked from its first wrong character on
+            correct = f"{left}: {total}+{add}={total + add}"
+            if line == correct + horizon.CORRECTION:  # a doubted correct line: only the correction is masked
+                doubts += 1
+                assert next(masked) == (offset + len(correct), offset + len(line))
+            elif line.endswith(horizon.CORRECTION):  # a slip: right up to one wrong digit, which alone is masked
                 shown = line.removesuffix(horizon.CORRECTION)
-                x, a, _ = map(int, re.fullmatch(r"(\d+)\+(\d)=(\d+)", shown).groups())
-                if total > bound:
-                    kinds.add("overrun")
-                    assert shown == correct and next(masked) == (offset, offset + len(shown))
-                else:
-                    assert shown != correct
-                    kinds.add("operand" if a != add else "carry" if x != total else "result")
-                    first = next(i for i, (s, c) in enumerate(zip(shown, correct)) if s != c)
-                    assert next(masked) == (offset + first, offset + len(shown))
+                assert correct.startswith(shown[:-1]) and shown[-1] != correct[len(shown) - 1]
+                assert next(masked) == (offset + len(shown) - 1, offset + len(shown))
+                kinds.add(horizon.SLIP_KINDS[len(re.findall(r"\d+", shown)) - 1])  # the value of the wrong digit
             else:  # every other line is the gold step: a slip never changes what follows its correction
                 assert line == correct
-                total += add
+                total, left = total + add, left - 1
             offset += len(line) + 1
-        assert next(masked, None) is None and total == answer
-    assert kinds == {"result", "operand", "carry", "overrun"}
+        assert next(masked, None) is None and total == answer and left == 0
+    assert kinds == set(horizon.SLIP_KINDS) and doubts > 0
 
 
 def test_horizon_teacher_data_masks_the_slips_and_the_student_sees_gold_only(tokenizer):

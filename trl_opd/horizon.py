@@ -1,23 +1,25 @@
 """The toy world with a horizon: long step-by-step solutions where an early slip derails the rest.
 
-A problem asks to add a digit to a number repeatedly until the total passes a bound ("Add 7 to 38 until over 120."):
+A problem asks to add a digit to a number a given number of times ("Add 7 to 38, 8 times."); the solution writes one
+line per addition, each led by the number of additions still to do, then the answer:
 
-    38+7=45
-    45+7=52
+    8: 38+7=45
+    7: 45+7=52
     ...
-    115+7=122
-    #### 122
+    1: 87+7=94
+    #### 94
 
-Each line needs only the previous line and the prompt, so the world is cheap for tiny models, but a solution has 8 to
-16 such lines (about 100 tokens) and one wrong digit changes every later line and the answer. Length is the student's
-to get wrong as well: it decides when to stop, so it can stop early, overrun the bound or loop until truncated.
+Each line needs only the line before it (count down by one, carry the total, add the digit), so the world is cheap for
+tiny models, but a solution has 6 to 14 such lines (73 to 194 tokens, 119 on average) and one wrong digit changes
+every later line and the answer. Length is the student's to get wrong as well: it stops after the line counted 1, so
+a slipped count stops it early or makes it run on (and loop until truncated).
 
-The teacher is also trained on solutions with *injected slips followed by explicit corrections*: a wrong line, then
-" no", then the same line redone ("45+7=53 no\\n45+7=52"), and one step past the bound, then " no" and the answer.
-The slipped characters are masked out of its loss, so it learns to recover from slips without learning to make them.
-The gold solutions never show a slip, so a student trained on gold or teacher text never sees one either; only its
-own samples (on-policy prefixes) show it its slips together with the teacher's recovery (the DAgger argument). The
-student is trained on gold solutions only.
+The teacher is also trained on solutions with *injected slips followed by explicit corrections*: a line cut right
+after its first wrong digit, then " no", then the line redone ("7: 45+7=53 no\n7: 45+7=52", or "7: 44 no\n7: 45+7=52"
+for a slip in the total). The wrong digit is masked out of its loss, so it learns to notice a slip at the next token
+and recover without learning to make slips. The gold solutions never show a slip, so a student trained on
+gold or teacher text never sees one either; only its own samples (on-policy prefixes) show it its slips together with
+the teacher's recovery (the DAgger argument). The student is trained on gold solutions only.
 """
 
 from __future__ import annotations
@@ -33,21 +35,27 @@ from .toy import SPLITS, ToyPairConfig, build_tokenizer, draw_dataset, split_of
 
 MIN_START, MAX_START = 10, 99
 MIN_ADD, MAX_ADD = 2, 9
-MIN_STEPS, MAX_STEPS = 8, 14
-MAX_TOTAL = 99  # two-digit totals: every line "xx+a=yy" has the same length
+MIN_STEPS, MAX_STEPS = 6, 14
+MAX_TOTAL = 149
 CORRECTION = " no"  # what follows a slipped line before it is redone
-SLIP_KINDS = ("result", "operand", "carry", "overrun")
+SLIP_KINDS = ("left", "total", "add", "result")  # the value of a line that a slip gets wrong
+DOUBT_SHARE = 0.25  # a correct line is followed by a (masked) CORRECTION at this share of the slip rate
 
 
-def prompt_of(start: int, add: int, bound: int) -> str:
-    return f"Add {add} to {start} until over {bound}."
+def prompt_of(start: int, add: int, steps: int) -> str:
+    return f"Add {add} to {start}, {steps} times."
 
 
-def solve(start: int, add: int, bound: int) -> tuple[str, int]:
-    """The gold solution (one `x+a=y` line per addition until y > bound, then `#### y`) and the answer y."""
+def line_of(left: int, total: int, add: int, result: int) -> str:
+    """One line: the additions still to do (this one included), then the addition."""
+    return f"{left}: {total}+{add}={result}"
+
+
+def solve(start: int, add: int, steps: int) -> tuple[str, int]:
+    """The gold solution (one line per addition, counted down from `steps` to 1, then `#### total`) and the total."""
     lines, total = [], start
-    while total <= bound:
-        lines.append(f"{total}+{add}={total + add}")
+    for left in range(steps, 0, -1):
+        lines.append(line_of(left, total, add, total + add))
         total += add
     lines.append(f"#### {total}")
     return "\n".join(lines), total
@@ -55,8 +63,8 @@ def solve(start: int, add: int, bound: int) -> tuple[str, int]:
 
 @lru_cache(maxsize=len(SPLITS))
 def problem_pool(split: str) -> tuple[tuple[str, str, int], ...]:
-    """Every problem of `split` as (prompt, solution, answer), in a fixed order: each start, added digit, number of
-    steps (`MIN_STEPS` to `MAX_STEPS`) and bound that gives that number of steps is enumerated (~39,000 problems,
+    """Every problem of `split` as (prompt, solution, answer), in a fixed order: each start, added digit and number of
+    additions (`MIN_STEPS` to `MAX_STEPS`) that keeps every total within `MAX_TOTAL` is enumerated (5,487 problems,
     about a tenth of them in "eval")."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}.")
@@ -66,11 +74,9 @@ def problem_pool(split: str) -> tuple[tuple[str, str, int], ...]:
             for steps in range(MIN_STEPS, MAX_STEPS + 1):
                 if start + steps * add > MAX_TOTAL:
                     break
-                for slack in range(add):  # bound in [start + (steps-1)·add, start + steps·add - 1]: exactly `steps`
-                    bound = start + (steps - 1) * add + slack
-                    prompt = prompt_of(start, add, bound)
-                    if split_of(prompt) == split:
-                        pool.append((prompt, *solve(start, add, bound)))
+                prompt = prompt_of(start, add, steps)
+                if split_of(prompt) == split:
+                    pool.append((prompt, *solve(start, add, steps)))
     return tuple(pool)
 
 
@@ -81,59 +87,47 @@ def make_dataset(n: int, seed: int = 0, split: str = "train") -> Dataset:
 
 
 def parse_prompt(prompt: str) -> tuple[int, int, int]:
-    """(start, added digit, bound) of a prompt written by `prompt_of`."""
-    words = prompt.removesuffix(".").split()
-    return int(words[3]), int(words[1]), int(words[6])
+    """(start, added digit, number of additions) of a prompt written by `prompt_of`."""
+    words = prompt.removesuffix(" times.").replace(",", "").split()
+    return int(words[3]), int(words[1]), int(words[4])
 
 
-def _wrong(value: int, rng: random.Random) -> int:
-    """A plausible wrong version of `value`: off by one or two, or by ten (a carry gone wrong)."""
-    while True:
-        wrong = value + rng.choice((-2, -1, 1, 2, -10, 10))
-        if wrong >= 0 and wrong != value:
-            return wrong
+def _other(value: int, rng: random.Random) -> int:
+    """`value` with one of its digits replaced by another digit (a sampling slip), never a leading zero."""
+    digits = list(str(value))
+    i = rng.randrange(len(digits))
+    choices = [d for d in "0123456789" if d != digits[i] and not (d == "0" and i == 0 and len(digits) > 1)]
+    digits[i] = rng.choice(choices)
+    return int("".join(digits))
 
 
-def slipped_solution(start: int, add: int, bound: int, rng: random.Random, slip_rate: float):
-    """A solution with slips injected, each followed by `CORRECTION` and the step redone, and the character spans of
+def slipped_solution(start: int, add: int, steps: int, rng: random.Random, slip_rate: float):
+    """A solution with slips injected, each followed by `CORRECTION` and the line redone, and the character spans of
     the slipped text (to be masked out of the loss): (text, [(begin, end), ...]).
 
-    Each line slips with probability `slip_rate`, in its result ("45+7=53"), its added digit ("45+6=51") or the
-    total it carries from the line before ("54+7=61"); the last line overruns the bound (one step too many) with the
-    same probability. At least one slip is injected.
+    Each line slips with probability `slip_rate` (at least one line does): one of its values (`SLIP_KINDS`) gets one
+    wrong digit, the line is cut right after it, and `CORRECTION` follows ("7: 45+7=53 no", "7: 44 no"). A correct
+    line is doubted with probability `slip_rate * DOUBT_SHARE`: `CORRECTION` follows the whole line, masked, and the
+    line is written again, so that a sampled false alarm (the teacher's own or a student's) is followed by the right
+    line rather than derailing.
     """
-    text, spans, total, slipped = "", [], start, False
-    while True:
-        lines_left = total <= bound
-        if not lines_left:
-            force = not slipped
-            if force or rng.random() < slip_rate:  # one step too many, then back to the answer
-                begin = len(text)
-                text += f"{total}+{add}={total + add}"
-                spans.append((begin, len(text)))
-                text += CORRECTION + "\n"
-            text += f"#### {total}"
-            return text, spans
-        if rng.random() < slip_rate:
-            kind = rng.choice(SLIP_KINDS[:3])
-            shown_total, shown_add, shown_result = total, add, total + add
-            if kind == "result":
-                shown_result = _wrong(total + add, rng)
-            elif kind == "operand":
-                shown_add = rng.choice([d for d in range(1, 10) if d != add])
-                shown_result = total + shown_add
-            else:
-                shown_total = _wrong(total, rng)
-                shown_result = shown_total + add
-            line = f"{shown_total}+{shown_add}={shown_result}"
-            # Mask from the first wrong character to the end of the line.
-            correct = f"{total}+{add}={total + add}"
-            first = next(i for i, (a, b) in enumerate(zip(line, correct + " " * len(line))) if a != b)
-            spans.append((len(text) + first, len(text) + len(line)))
-            text += line + CORRECTION + "\n"
-            slipped = True
-        text += f"{total}+{add}={total + add}\n"
+    text, spans, total = "", [], start
+    forced = rng.randrange(steps)
+    for index, left in enumerate(range(steps, 0, -1)):
+        values = {"left": left, "total": total, "add": add, "result": total + add}
+        correct = line_of(**values)
+        if index == forced or rng.random() < slip_rate:
+            kind = rng.choice(SLIP_KINDS)
+            line = line_of(**{**values, kind: _other(values[kind], rng)})
+            first = next(i for i, (a, b) in enumerate(zip(line, correct)) if a != b)
+            spans.append((len(text) + first, len(text) + first + 1))
+            text += line[: first + 1] + CORRECTION + "\n"
+        elif rng.random() < slip_rate * DOUBT_SHARE:
+            spans.append((len(text) + len(correct), len(text) + len(correct) + len(CORRECTION)))
+            text += correct + CORRECTION + "\n"
+        text += correct + "\n"
         total += add
+    return text + f"#### {total}", spans
 
 
 def encode(texts_by_prompt: list[tuple[str, str, list[tuple[int, int]]]]):
@@ -174,18 +168,24 @@ class HorizonPairConfig(ToyPairConfig):
     trained on gold solutions and, for a `teacher_slip_fraction` share of problems, on solutions with slips and
     corrections (`slipped_solution` at `teacher_slip_rate`); a 2-layer, narrower student on gold solutions only,
     for fewer steps. Small batches and a high learning rate: on two CPU cores the number of updates, not the batch,
-    is what the build's time budget buys."""
+    is what the build's time budget buys.
+
+    With the defaults the teacher solves every eval problem greedily and ~99% at temperature 1 (it notices and redoes
+    its own sampled slips); the student solves ~40% greedily and ~25% at temperature 1: it was never shown a slip, so
+    one sampled wrong digit derails it. `student_steps` sits inside the student's sharp rise (700 steps: ~15% at
+    temperature 1; 900: ~90%), so its starting point depends on the seed more than the teacher's does."""
 
     teacher_hidden_size: int = 96
     teacher_num_layers: int = 3
-    teacher_steps: int = 700
+    teacher_steps: int = 1000
     student_hidden_size: int = 64
     student_num_layers: int = 2
-    student_steps: int = 300
+    student_steps: int = 800
     batch_size: int = 16
     learning_rate: float = 5e-3
     teacher_slip_fraction: float = 0.5
     teacher_slip_rate: float = 0.15
+    data_version: int = 2  # bump when the world's data change, so that cached pairs are rebuilt
 
     def training_data(self, role: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         fraction = self.teacher_slip_fraction if role == "teacher" else 0.0
