@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass
 from functools import lru_cache
 from pathlib import Path
 
+import psutil
 import torch
 from datasets import Dataset
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
@@ -318,6 +319,9 @@ def build_toy_pair(
         root.mkdir(parents=True, exist_ok=True)
         start = time.perf_counter()
         staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}-", dir=root))
+        threads = torch.get_num_threads()
+        # One process builds while any others wait (`accelerate launch` also pins each process to one thread).
+        torch.set_num_threads(max(threads, psutil.cpu_count(logical=False) or 1))
         try:
             for role in ("teacher", "student"):
                 _train(tokenizer, config, role, progress).save_pretrained(staging / role)
@@ -329,6 +333,7 @@ def build_toy_pair(
                 if not (directory / "settings.json").exists():
                     raise
         finally:
+            torch.set_num_threads(threads)
             shutil.rmtree(staging, ignore_errors=True)
     teacher = Qwen2ForCausalLM.from_pretrained(directory / "teacher")
     student = Qwen2ForCausalLM.from_pretrained(directory / "student")
