@@ -17,7 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import run_in_child, toy_preset, write_results
+from common import example_preset, run_in_child, write_results
 
 DIAGNOSTICS = ("_log_completion_rates", "_token_diagnostics", "_flush_metrics")
 RUNS = {
@@ -36,7 +36,7 @@ def _run(overrides: dict, settings: dict, queue) -> None:
 
     torch.set_num_threads(settings["threads"])
     teacher, student, tokenizer = build_toy_pair(progress=False)
-    preset = toy_preset()
+    preset = example_preset("toy")
     preset.update(output_dir=tempfile.mkdtemp(), report_to=[], disable_tqdm=True, max_steps=settings["steps"])
     args = OPDConfig(**{**preset, **overrides})
     dataset = make_dataset(settings["steps"] * args.per_device_train_batch_size, split="train")

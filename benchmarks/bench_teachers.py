@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 
 import requests
-from common import run_in_child, toy_preset, write_results
+from common import example_preset, run_in_child, write_results
 
 ROOT = Path(__file__).resolve().parent.parent
 TEACHERS = {"student": ("local", "served"), "dataset": ("local", "served", "cached")}  # per prefix source
@@ -105,7 +105,7 @@ def _stop_server(process: subprocess.Popen) -> None:
 
 def _config(prefix_source: str, settings: dict) -> dict:
     """The `OPDConfig` fields of every run: the `toy` preset, teacher top-k, no diagnostics, the timed steps."""
-    preset = toy_preset()
+    preset = example_preset("toy")
     preset.update(
         output_dir=tempfile.mkdtemp(),
         max_steps=settings["warmup"] + settings["steps"],
@@ -281,7 +281,7 @@ def main() -> None:
         args.steps, args.warmup = 1, 1
     work = Path(tempfile.mkdtemp(prefix="bench_teachers-"))
     out = args.out or (work / "bench_teachers.json" if args.smoke else ROOT / "benchmarks/results/bench_teachers.json")
-    preset = toy_preset()
+    preset = example_preset("toy")
     settings = {
         "steps": args.steps,
         "warmup": args.warmup,

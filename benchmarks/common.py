@@ -43,8 +43,8 @@ def write_results(report: dict, out: Path, table: str, markdown: Path | None) ->
             handle.write("\n" + table)
 
 
-def toy_preset() -> dict[str, Any]:
-    """The `OPDConfig` fields of examples/opd_math.py's `toy` preset (the main job's settings)."""
+def example_preset(name: str) -> dict[str, Any]:
+    """The `OPDConfig` fields of examples/opd_math.py's preset `name` ('horizon': the main job's settings)."""
     import dataclasses
 
     from trl_opd import OPDConfig
@@ -55,4 +55,4 @@ def toy_preset() -> dict[str, Any]:
     sys.modules[spec.name] = module  # dataclasses resolve the script's annotations through it
     spec.loader.exec_module(module)
     fields = {field.name for field in dataclasses.fields(OPDConfig)}
-    return {key: value for key, value in module.PRESETS["toy"].items() if key in fields}
+    return {key: value for key, value in module.PRESETS[name].items() if key in fields}

@@ -1,16 +1,16 @@
 """The three tradeoffs of Decoupling KL and Trajectories (arXiv 2605.16826) on the main job's horizon world.
 
-Objectives, each from the cached horizon pair with the main job's `toy` preset except for what it names:
-the 2×2 of prefix source (teacher samples / the student's own) × token-level KL (forward / reverse), the preset's
-default (mixed KL on student prefixes), forward KL on dataset (gold) prefixes, and the default with
-`EntropyGatedLengthCurriculum`. Every objective runs `--steps` steps for each of `--seeds` (equal steps); then every
-objective whose training time differs from the default's by more than 10% runs again with its steps scaled so that
-its training time matches the default's (equal wall time; off with `--no_equal_time`). Held-out metrics on
-`--n_eval` problems, sampled from the student at the training temperature: Avg@k and Pass@k, mean completion length and
-truncation rate (`trl_opd.evaluation.evaluate`), the student's entropy on its own samples (`heldout_divergence`).
-Training wall time excludes evaluation. Each run is a fresh child process.
+Objectives, each from the cached horizon pair with the main job's `horizon` preset except for what it names:
+the 2×2 of prefix source (teacher samples / the student's own) × token-level KL (forward / reverse, the preset's
+default being reverse KL on student prefixes), mixed KL on student prefixes, forward KL on dataset (gold) prefixes,
+and the default with `EntropyGatedLengthCurriculum`. Every objective runs `--steps` steps for each of `--seeds`
+(equal steps); then every objective whose training time differs from the default's by more than 10% runs again with
+its steps scaled so that its training time matches the default's (equal wall time; off with `--no_equal_time`).
+Held-out metrics on `--n_eval` problems, sampled from the student at the training temperature: Avg@k and Pass@k, mean
+completion length and truncation rate (`trl_opd.evaluation.evaluate`), the student's entropy on its own samples
+(`heldout_divergence`). Training wall time excludes evaluation. Each run is a fresh child process.
 
-    python benchmarks/paper_tradeoffs.py                         # 14 runs + reruns; not yet timed on an idle machine
+    python benchmarks/paper_tradeoffs.py                         # 14 runs + reruns
     python benchmarks/paper_tradeoffs.py --seeds 0 1 2 --steps 300 --n_eval 200
     python benchmarks/paper_tradeoffs.py --plot_only             # re-plot benchmarks/results/paper_tradeoffs.json
 
@@ -28,23 +28,20 @@ import time
 from pathlib import Path
 from typing import Any
 
-from common import run_in_child, toy_preset, write_results
+from common import example_preset, run_in_child, write_results
 
 ROOT = Path(__file__).resolve().parent.parent
-DEFAULT = "student prefixes, preset objective (default)"
+DEFAULT = "student prefixes, reverse KL (default)"
 CURRICULUM = "default + entropy-gated length curriculum"
 OBJECTIVES: dict[str, dict[str, Any]] = {
     DEFAULT: {},
+    "student prefixes, forward KL": {"kl_direction": "forward"},
+    "student prefixes, mixed KL (w=0.5)": {"kl_direction": "mixed", "forward_kl_weight": 0.5},
     "teacher prefixes, forward KL": {"prefix_source": "teacher", "kl_direction": "forward"},
-    "student prefixes, reverse KL": {"prefix_source": "student", "kl_direction": "reverse"},
     "teacher prefixes, reverse KL": {"prefix_source": "teacher", "kl_direction": "reverse"},
-    "student prefixes, forward KL": {"prefix_source": "student", "kl_direction": "forward"},
     "dataset prefixes, forward KL": {"prefix_source": "dataset", "kl_direction": "forward"},
     CURRICULUM: {"curriculum": True},
 }
-# The horizon world's solutions need 72-120 tokens (the `toy` preset's 48 is sized for the short chains); the rest
-# of the preset (objective, learning rate and schedule, batch) is kept.
-HORIZON = {"max_completion_length": 144, "warmup_steps": 5}
 METRICS = ("avg_at_k", "pass_at_k", "student_entropy", "mean_length", "truncation_rate")
 
 
@@ -54,15 +51,15 @@ def _run(objective: dict[str, Any], seed: int, steps: int, settings: dict[str, A
 
     from trl_opd import EntropyGatedLengthCurriculum, OPDConfig, OPDTrainer
     from trl_opd.evaluation import evaluate, heldout_divergence
-    from trl_opd.horizon import HorizonPairConfig, make_dataset
+    from trl_opd.horizon import HorizonPairConfig, make_dataset, problem_pool
     from trl_opd.toy import build_toy_pair
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(1)  # on 2 cores a second thread slows this generation-bound step (0.84 s against 0.65 s)
     teacher, student, tokenizer = build_toy_pair(config=HorizonPairConfig(), progress=False)
     held_out = make_dataset(settings["n_eval"], split="eval")
     objective = dict(objective)
     curriculum = objective.pop("curriculum", False)
-    preset = {**toy_preset(), **HORIZON}
+    preset = example_preset("horizon")
     budget = preset["max_completion_length"]
     preset.update(output_dir=tempfile.mkdtemp(), report_to=[], disable_tqdm=True, max_steps=steps, seed=seed)
     preset.update({key: settings[key] for key in ("per_device_train_batch_size", "temperature") if settings[key]})
@@ -107,7 +104,7 @@ def _run(objective: dict[str, Any], seed: int, steps: int, settings: dict[str, A
         model=student,
         teacher_model=teacher,
         args=args,
-        train_dataset=make_dataset(steps * args.per_device_train_batch_size, seed=seed, split="train"),
+        train_dataset=make_dataset(len(problem_pool("train")), seed=seed, split="train"),  # epochs as steps need
         processing_class=tokenizer,
         callbacks=[*callbacks, HeldOut()],
     )
@@ -215,10 +212,10 @@ def _reference(settings: dict[str, Any], queue) -> None:
     from trl_opd.horizon import HorizonPairConfig, make_dataset
     from trl_opd.toy import build_toy_pair
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(1)
     teacher, student, tokenizer = build_toy_pair(config=HorizonPairConfig(), progress=False)
     held_out = make_dataset(settings["n_eval"], split="eval")
-    preset = {**toy_preset(), **HORIZON}
+    preset = example_preset("horizon")
     temperature = settings["temperature"] or preset["temperature"]
     common = {"max_new_tokens": preset["max_completion_length"], "temperature": temperature, "seed": 0}
     result = {}
@@ -231,7 +228,7 @@ def _reference(settings: dict[str, Any], queue) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=150, help="training steps per run at equal steps")
+    parser.add_argument("--steps", type=int, default=200, help="training steps per run at equal steps")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--eval_every", type=int, default=0, help="also evaluate every N steps (0: at the end only)")
     parser.add_argument("--per_device_train_batch_size", type=int, default=None, help="None: the preset's")

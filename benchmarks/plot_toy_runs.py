@@ -21,7 +21,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from common import run_in_child, toy_preset
+from common import example_preset, run_in_child
 
 ROOT = Path(__file__).resolve().parent.parent
 RUNS: dict[str, dict[str, Any]] = {
@@ -56,7 +56,7 @@ def _run(objective: dict[str, Any], settings: dict[str, Any], queue) -> None:
     torch.set_num_threads(2)
     teacher, student, tokenizer = build_toy_pair(progress=False)
     held_out = make_dataset(settings["n_eval"], split="eval")
-    preset = toy_preset()
+    preset = example_preset("toy")
     preset.update(output_dir=tempfile.mkdtemp(), report_to=[], disable_tqdm=True, max_steps=settings["steps"])
     args = OPDConfig(**{**preset, **objective})
     history: list[dict[str, float]] = []

