@@ -35,8 +35,12 @@ DEFAULT = "student prefixes, reverse KL (default)"
 CURRICULUM = "default + entropy-gated length curriculum"
 OBJECTIVES: dict[str, dict[str, Any]] = {
     DEFAULT: {},
-    "student prefixes, forward KL": {"kl_direction": "forward"},
-    "student prefixes, mixed KL (w=0.5)": {"kl_direction": "mixed", "forward_kl_weight": 0.5},
+    "student prefixes, forward KL": {"prefix_source": "student", "kl_direction": "forward"},
+    "student prefixes, mixed KL (w=0.5)": {
+        "prefix_source": "student",
+        "kl_direction": "mixed",
+        "forward_kl_weight": 0.5,
+    },
     "teacher prefixes, forward KL": {"prefix_source": "teacher", "kl_direction": "forward"},
     "teacher prefixes, reverse KL": {"prefix_source": "teacher", "kl_direction": "reverse"},
     "dataset prefixes, forward KL": {"prefix_source": "dataset", "kl_direction": "forward"},

