@@ -31,7 +31,7 @@ from functools import lru_cache
 import torch
 from datasets import Dataset
 
-from .toy import SPLITS, ToyPairConfig, build_tokenizer, draw_dataset, split_of
+from .toy import SPLITS, ToyPairConfig, draw_dataset, encode_solutions, split_of
 
 MIN_START, MAX_START = 10, 99
 MIN_ADD, MAX_ADD = 2, 9
@@ -130,24 +130,6 @@ def slipped_solution(start: int, add: int, steps: int, rng: random.Random, slip_
     return text + f"#### {total}", spans
 
 
-def encode(texts_by_prompt: list[tuple[str, str, list[tuple[int, int]]]]):
-    """(prompt, solution, masked spans) triples in chat format, tokenized: right-padded ids, lengths, and labels that
-    keep the solution and its `<|im_end|>` except the masked spans (the layout of `trl_opd.toy.encode_pool`)."""
-    tokenizer = build_tokenizer()
-    conversations = [[{"role": "user", "content": prompt}] for prompt, _, _ in texts_by_prompt]
-    prompts = tokenizer.apply_chat_template(conversations, tokenize=False, add_generation_prompt=True)
-    texts = [prompt + solution + tokenizer.eos_token for prompt, (_, solution, _) in zip(prompts, texts_by_prompt)]
-    encoded = tokenizer(texts, add_special_tokens=False, padding=True, padding_side="right", return_tensors="pt")
-    input_ids, attention_mask = encoded["input_ids"], encoded["attention_mask"].bool()
-    prompt_lengths = tokenizer(prompts, add_special_tokens=False, return_length=True)["length"]
-    keep = attention_mask.clone()
-    for row, (length, (_, _, spans)) in enumerate(zip(prompt_lengths, texts_by_prompt)):
-        keep[row, :length] = False  # the solution has one token per character, the prompt's template does not
-        for begin, end in spans:
-            keep[row, length + begin : length + end] = False
-    return input_ids, attention_mask.sum(dim=1), input_ids.masked_fill(~keep, -100)
-
-
 @lru_cache(maxsize=4)
 def training_texts(split: str, slip_fraction: float, slip_rate: float, seed: int = 0):
     """The `split` problems as (prompt, solution, masked spans): a `slip_fraction` share of them (drawn with `seed`)
@@ -194,4 +176,4 @@ class HorizonPairConfig(ToyPairConfig):
 
 @lru_cache(maxsize=2)
 def _encoded(slip_fraction: float, slip_rate: float):
-    return encode(list(training_texts("train", slip_fraction, slip_rate)))
+    return encode_solutions(training_texts("train", slip_fraction, slip_rate))

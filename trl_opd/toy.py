@@ -171,20 +171,31 @@ def draw_dataset(pool: Sequence[tuple[str, str, int]], n: int, seed: int, split:
 
 @lru_cache(maxsize=len(SPLITS))
 def encode_pool(split: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Every `split` problem in chat format, tokenized by the toy tokenizer: right-padded token ids, their lengths, and
-    SFT labels that keep the solution and its closing `<|im_end|>` (so that the model learns to stop) and mask the
-    prompt and the padding. Computed once per process (tokenizing the train split takes a few seconds)."""
+    """Every `split` problem, tokenized for SFT by `encode_solutions` with nothing masked in the solutions. Computed
+    once per process (tokenizing the train split takes a few seconds)."""
+    return encode_solutions([(prompt, solution, []) for prompt, solution, _ in problem_pool(split)])
+
+
+def encode_solutions(
+    rows: Sequence[tuple[str, str, Sequence[tuple[int, int]]]],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(prompt, solution, masked character spans of the solution) rows in chat format, tokenized by the toy
+    tokenizer: right-padded token ids, their lengths, and SFT labels that keep the solution and its closing
+    `<|im_end|>` (so that the model learns to stop) and mask the prompt, the padding and the spans (one token per
+    character of a solution, so character spans are token spans)."""
     tokenizer = build_tokenizer()
-    pool = problem_pool(split)
-    conversations = [[{"role": "user", "content": prompt}] for prompt, _, _ in pool]
+    conversations = [[{"role": "user", "content": prompt}] for prompt, _, _ in rows]
     prompts = tokenizer.apply_chat_template(conversations, tokenize=False, add_generation_prompt=True)
     prompt_lengths = tokenizer(prompts, add_special_tokens=False, return_length=True)["length"]
-    texts = [prompt + solution + tokenizer.eos_token for prompt, (_, solution, _) in zip(prompts, pool)]
+    texts = [prompt + solution + tokenizer.eos_token for prompt, (_, solution, _) in zip(prompts, rows)]
     encoded = tokenizer(texts, add_special_tokens=False, padding=True, padding_side="right", return_tensors="pt")
     input_ids, attention_mask = encoded["input_ids"], encoded["attention_mask"].bool()
-    positions = torch.arange(input_ids.shape[1])
-    labels = input_ids.masked_fill(~attention_mask | (positions < torch.tensor(prompt_lengths)[:, None]), -100)
-    return input_ids, attention_mask.sum(dim=1), labels
+    keep = attention_mask.clone()
+    for row, (length, (_, _, spans)) in enumerate(zip(prompt_lengths, rows)):
+        keep[row, :length] = False
+        for begin, end in spans:
+            keep[row, length + begin : length + end] = False
+    return input_ids, attention_mask.sum(dim=1), input_ids.masked_fill(~keep, -100)
 
 
 def train_sft(
