@@ -1,6 +1,6 @@
-"""The three tradeoffs of Decoupling KL and Trajectories (arXiv 2605.16826) on the main job's horizon world.
+"""The three tradeoffs of Decoupling KL and Trajectories (arXiv 2605.16826) on the horizon world (`--preset horizon`).
 
-Objectives, each from the cached horizon pair with the main job's `horizon` preset except for what it names:
+Objectives, each from the cached horizon pair with the example's `horizon` preset except for what it names:
 the 2×2 of prefix source (teacher samples / the student's own) × token-level KL (forward / reverse, the preset's
 default being reverse KL on student prefixes), mixed KL on student prefixes, forward KL on dataset (gold) prefixes,
 and the default with `EntropyGatedLengthCurriculum`. Every objective runs `--steps` steps for each of `--seeds`
