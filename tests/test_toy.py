@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import random
 import re
 
@@ -81,9 +82,40 @@ def test_train_sft_lowers_the_loss(tokenizer):
             return model(**batch).loss.item()
 
     before = loss()
-    trained = train_sft(model, steps=15, batch_size=16, learning_rate=1e-2, progress=False)
-    assert trained is model and not model.training
+    trained, steps = train_sft(model, steps=15, batch_size=16, learning_rate=1e-2, progress=False)
+    assert trained is model and not model.training and steps == 15
     assert loss() < before - 1.0
+
+
+def test_train_sft_stops_when_its_rule_says_so_and_reports_the_steps(tokenizer):
+    model = build_model(tokenizer, hidden_size=16, num_layers=1, seed=0)
+    asked = []
+
+    def until(step: int, model) -> bool:
+        asked.append((step, model.training))
+        return step >= 10
+
+    trained, steps = train_sft(model, steps=30, batch_size=4, learning_rate=1e-2, until=until, check_every=5)
+    assert steps == 10 and asked == [(5, False), (10, False)] and not trained.training
+    _, steps = train_sft(model, steps=12, batch_size=4, learning_rate=1e-2, until=lambda *_: False, check_every=5)
+    assert steps == 12
+
+
+def test_horizon_student_stops_at_its_measured_accuracy(tokenizer, monkeypatch):
+    config = horizon.HorizonPairConfig()
+    assert config.stop_rule("teacher", tokenizer) is None
+    assert horizon.HorizonPairConfig(student_target_accuracy=None).stop_rule("student", tokenizer) is None
+    measured = []
+
+    def fake_evaluate(model, tokenizer, problems, **kwargs):
+        measured.append(len(problems))
+        return {"accuracy": 0.49 if len(measured) == 1 else 0.5}
+
+    monkeypatch.setattr(horizon, "evaluate", fake_evaluate)
+    reached = config.stop_rule("student", tokenizer)
+    assert not reached(horizon.STOP_CHECK_FROM - 1, None) and measured == []  # too early: not even measured
+    assert not reached(horizon.STOP_CHECK_FROM, None) and reached(horizon.STOP_CHECK_FROM + 50, None)
+    assert measured == [horizon.STOP_CHECK_PROBLEMS] * 2
 
 
 def test_config_key_tracks_settings():
@@ -117,6 +149,9 @@ def test_build_toy_pair_trains_once_then_loads(tmp_path, monkeypatch):
     assert (teacher.config.hidden_size, teacher.config.num_hidden_layers) == (24, 2)
     assert (student.config.hidden_size, student.config.num_hidden_layers) == (16, 1)
     assert not teacher.training and not student.training
+    settings = json.loads((directory / "settings.json").read_text())
+    assert settings["teacher_steps_taken"] == TINY_PAIR.teacher_steps
+    assert settings["student_steps_taken"] == TINY_PAIR.student_steps
 
     stamp = (directory / "settings.json").stat().st_mtime_ns
     teacher_again, student_again, _ = build_toy_pair(tmp_path, TINY_PAIR, progress=False)

@@ -25,12 +25,15 @@ the teacher's recovery (the DAgger argument). The student is trained on gold sol
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
 
 import torch
 from datasets import Dataset
+from transformers import PreTrainedTokenizerFast, Qwen2ForCausalLM
 
+from .evaluation import evaluate
 from .toy import SPLITS, ToyPairConfig, draw_dataset, encode_solutions, split_of
 
 MIN_START, MAX_START = 10, 99
@@ -39,6 +42,7 @@ MIN_STEPS, MAX_STEPS = 6, 14
 MAX_TOTAL = 149
 CORRECTION = " no"  # what follows a slipped line before it is redone
 SLIP_KINDS = ("left", "total", "add", "result")  # the value of a line that a slip gets wrong
+STOP_CHECK_PROBLEMS, STOP_CHECK_FROM = 128, 400  # the student's measured stop (`HorizonPairConfig.stop_rule`)
 DOUBT_SHARE = 0.25  # a correct line is followed by a (masked) CORRECTION at this share of the slip rate
 
 
@@ -153,25 +157,46 @@ class HorizonPairConfig(ToyPairConfig):
     is what the build's time budget buys.
 
     With the defaults the teacher solves every eval problem greedily and ~99% at temperature 1 (it notices and redoes
-    its own sampled slips); the student solves ~40% greedily and ~25% at temperature 1: it was never shown a slip, so
-    one sampled wrong digit derails it. `student_steps` sits inside the student's sharp rise (700 steps: ~15% at
-    temperature 1; 900: ~90%), so its starting point depends on the seed more than the teacher's does."""
+    its own sampled slips). The student would reach ~95% too with 1,000 steps, but its SFT ends once it solves half of
+    a fixed set of train problems at temperature 1 (`stop_rule`, ~650 steps): inside its sharp rise (600 steps: ~40%,
+    700: ~75%), whose timing moves with the seed, so a measured stop rather than a step count fixes where every seed
+    starts. Never shown a slip, it is derailed by its own sampled wrong digits: ~55% Avg@4 on the eval split.
+    """
 
     teacher_hidden_size: int = 96
     teacher_num_layers: int = 3
     teacher_steps: int = 1000
     student_hidden_size: int = 64
     student_num_layers: int = 2
-    student_steps: int = 800
+    student_steps: int = 1000
     batch_size: int = 16
     learning_rate: float = 5e-3
     teacher_slip_fraction: float = 0.5
     teacher_slip_rate: float = 0.15
+    student_target_accuracy: float | None = 0.5
     data_version: int = 2  # bump when the world's data change, so that cached pairs are rebuilt
 
     def training_data(self, role: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         fraction = self.teacher_slip_fraction if role == "teacher" else 0.0
         return _encoded(fraction, self.teacher_slip_rate)
+
+    def stop_rule(
+        self, role: str, tokenizer: PreTrainedTokenizerFast
+    ) -> Callable[[int, Qwen2ForCausalLM], bool] | None:
+        """The student's SFT ends once it solves `student_target_accuracy` of `STOP_CHECK_PROBLEMS` train problems, one
+        sample each at temperature 1 (checked from step `STOP_CHECK_FROM` on): its sharp rise comes earlier or later
+        with the seed, and a measured stop gives every seed the same starting point."""
+        if role != "student" or self.student_target_accuracy is None:
+            return None
+        problems = make_dataset(STOP_CHECK_PROBLEMS, seed=self.student_seed, split="train")
+
+        def reached(step: int, model: Qwen2ForCausalLM) -> bool:
+            if step < STOP_CHECK_FROM:
+                return False
+            result = evaluate(model, tokenizer, problems, max_new_tokens=256, seed=step, progress=False)
+            return result["accuracy"] >= self.student_target_accuracy
+
+        return reached
 
 
 @lru_cache(maxsize=2)

@@ -20,7 +20,7 @@ import shutil
 import string
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -209,14 +209,18 @@ def train_sft(
     progress: bool = True,
     description: str = "toy SFT",
     data: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
-) -> Qwen2ForCausalLM:
-    """Train `model` (built over the toy tokenizer) in place on the gold solutions of the train split and return it in
-    eval mode.
+    until: Callable[[int, Qwen2ForCausalLM], bool] | None = None,
+    check_every: int = 50,
+) -> tuple[Qwen2ForCausalLM, int]:
+    """Train `model` (built over the toy tokenizer) in place on the gold solutions of the train split; return it in
+    eval mode with the number of steps taken.
 
     A plain torch loop (AdamW, linear warm-up then cosine decay to zero, gradient clipping at 1) rather than
     `trl.SFTTrainer`: on two CPU cores the Trainer's per-step overhead is a large share of a 0.1-0.2 s step, and a loop
     that samples batches from its own seeded generator is reproducible run to run on a given machine. `data` replaces
     the gold solutions with other (input ids, lengths, labels) in `encode_pool`'s layout (another world's, say).
+    `until(step, model)`, asked every `check_every` steps with the model in eval mode, ends training early when it
+    returns True (the schedule stays the one planned for `steps`).
     """
     input_ids, lengths, labels = encode_pool("train") if data is None else data
     generator = torch.Generator().manual_seed(seed)
@@ -230,8 +234,8 @@ def train_sft(
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
     model.train()
-    bar = tqdm(range(steps), desc=description, disable=not progress)
-    for _ in bar:
+    bar = tqdm(range(1, steps + 1), desc=description, disable=not progress)
+    for step in bar:
         rows = torch.randint(len(input_ids), (batch_size,), generator=generator)
         width = int(lengths[rows].max())
         # Right padding under a causal mask: no real token attends to a pad, so no attention mask is needed (and
@@ -243,7 +247,11 @@ def train_sft(
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
-    return model.eval()
+        if until is not None and step % check_every == 0 and step < steps:
+            if until(step, model.eval()):
+                return model, step
+            model.train()
+    return model.eval(), steps
 
 
 TOY_VERSION = 1  # bump when the data or the training recipe change, so that cached pairs are rebuilt
@@ -277,6 +285,12 @@ class ToyPairConfig:
         the gold solutions of the train split (another world overrides this)."""
         return encode_pool("train")
 
+    def stop_rule(
+        self, role: str, tokenizer: PreTrainedTokenizerFast
+    ) -> Callable[[int, Qwen2ForCausalLM], bool] | None:
+        """When the `role` model's SFT may end before its planned steps (`train_sft`'s `until`): here, never."""
+        return None
+
     def key(self) -> str:
         """A short hash of the settings (and of `TOY_VERSION`) that names the pair's cache folder."""
         settings = json.dumps({**asdict(self), "toy_version": TOY_VERSION}, sort_keys=True)
@@ -288,8 +302,10 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("TRL_OPD_CACHE", Path.home() / ".cache" / "trl_opd")) / "toy"
 
 
-def _train(tokenizer: PreTrainedTokenizerFast, config: ToyPairConfig, role: str, progress: bool) -> Qwen2ForCausalLM:
-    """Initialise and SFT-train the `role` ("teacher" or "student") model of `config`."""
+def _train(
+    tokenizer: PreTrainedTokenizerFast, config: ToyPairConfig, role: str, progress: bool
+) -> tuple[Qwen2ForCausalLM, int]:
+    """Initialise and SFT-train the `role` ("teacher" or "student") model of `config`; return it with its steps."""
     settings = {name: getattr(config, f"{role}_{name}") for name in ("hidden_size", "num_layers", "steps", "seed")}
     model = build_model(
         tokenizer,
@@ -307,6 +323,7 @@ def _train(tokenizer: PreTrainedTokenizerFast, config: ToyPairConfig, role: str,
         progress=progress,
         description=f"toy {role} SFT",
         data=config.training_data(role),
+        until=config.stop_rule(role, tokenizer),
     )
 
 
@@ -315,8 +332,9 @@ def build_toy_pair(
 ) -> tuple[Qwen2ForCausalLM, Qwen2ForCausalLM, PreTrainedTokenizerFast]:
     """The toy (teacher, student, tokenizer): trained on first use (under 3 minutes on two CPU cores), then loaded.
 
-    The pair lives in `cache_dir/<config.key()>/{teacher,student}` in `save_pretrained` format, with the settings and
-    the build time in `settings.json`; `cache_dir` defaults to `default_cache_dir()`. Changed settings get a new key,
+    The pair lives in `cache_dir/<config.key()>/{teacher,student}` in `save_pretrained` format, with the settings, the
+    steps each model took (`<role>_steps_taken`, fewer than planned when `config.stop_rule` ended one early) and the
+    build time in `settings.json`; `cache_dir` defaults to `default_cache_dir()`. Changed settings get a new key,
     hence a new build. A build writes into a hidden temporary folder renamed into place at the end, so a half-written
     pair is never loaded and concurrent builders (e.g. launched processes) end up sharing one complete copy. Both are
     returned in eval mode, in float32, on the CPU.
@@ -334,9 +352,16 @@ def build_toy_pair(
         # One process builds while any others wait (`accelerate launch` also pins each process to one thread).
         torch.set_num_threads(max(threads, psutil.cpu_count(logical=False) or 1))
         try:
+            steps_taken = {}
             for role in ("teacher", "student"):
-                _train(tokenizer, config, role, progress).save_pretrained(staging / role)
-            settings = {**asdict(config), "toy_version": TOY_VERSION, "build_seconds": time.perf_counter() - start}
+                model, steps_taken[f"{role}_steps_taken"] = _train(tokenizer, config, role, progress)
+                model.save_pretrained(staging / role)
+            settings = {
+                **asdict(config),
+                **steps_taken,
+                "toy_version": TOY_VERSION,
+                "build_seconds": time.perf_counter() - start,
+            }
             (staging / "settings.json").write_text(json.dumps(settings, indent=2))
             try:
                 staging.rename(directory)
