@@ -13,6 +13,7 @@ completion length and truncation rate (`trl_opd.evaluation.evaluate`), the stude
     python benchmarks/paper_tradeoffs.py                         # 14 runs + reruns
     python benchmarks/paper_tradeoffs.py --seeds 0 1 2 --steps 300 --n_eval 200
     python benchmarks/paper_tradeoffs.py --plot_only             # re-plot benchmarks/results/paper_tradeoffs.json
+    python benchmarks/paper_tradeoffs.py --resume --seeds 0      # add what is missing (here: equal time, seed 0)
 
 Needs matplotlib (`pip install trl-opd[plots]`). Writes benchmarks/results/paper_tradeoffs.json and
 docs/img/paper_tradeoffs.png, and prints a markdown table (`--markdown FILE` appends it).
@@ -248,24 +249,35 @@ def main() -> None:
     parser.add_argument("--png", type=Path, default=ROOT / "docs" / "img" / "paper_tradeoffs.png")
     parser.add_argument("--markdown", type=Path, default=None)
     parser.add_argument("--plot_only", action="store_true", help="re-plot `--out` without training")
+    parser.add_argument("--resume", action="store_true", help="keep `--out`'s runs and add only the missing ones")
     args = parser.parse_args()
     if args.plot_only:
         report = json.loads(args.out.read_text())
     else:
-        keys = ("steps", "seeds", "eval_every", "n_eval", "k", "ladder", "min_entropy", "per_device_train_batch_size")
+        keys = ("steps", "eval_every", "n_eval", "k", "ladder", "min_entropy", "per_device_train_batch_size")
         keys += ("temperature",)
         settings = {key: getattr(args, key) for key in keys}
-        report = {"settings": settings, **run_in_child(_reference, settings=settings), "equal_steps": {}}
-        report["equal_time"] = {}
+        if args.resume and args.out.exists():
+            report = json.loads(args.out.read_text())
+            changed = {key for key in keys if report["settings"].get(key) != settings[key]}
+            if changed:
+                raise ValueError(f"--resume: {args.out} was run with other {sorted(changed)}; pass them as then.")
+        else:
+            report = {"settings": settings, **run_in_child(_reference, settings=settings), "equal_steps": {}}
+            report["equal_time"] = {}
+        report["settings"]["seeds"] = sorted({*report["settings"].get("seeds", []), *args.seeds})
+
+        def missing(phase: str, name: str, seed: int) -> bool:
+            return all(run.get("seed") != seed for run in report[phase].get(name, []))
 
         def save() -> None:
             args.out.parent.mkdir(parents=True, exist_ok=True)
             args.out.write_text(json.dumps(report, indent=2))
 
         for seed in args.seeds:  # every objective once before the next seed, so a cut-short run still compares
-            for name in args.objectives:
+            for name in [name for name in args.objectives if missing("equal_steps", name, seed)]:
                 run = run_in_child(_run, objective=OBJECTIVES[name], seed=seed, steps=args.steps, settings=settings)
-                report["equal_steps"].setdefault(name, []).append(run)
+                report["equal_steps"].setdefault(name, []).append({**run, "seed": seed})
                 last = run["history"][-1]
                 print(f"{name} seed {seed}: " + ", ".join(f"{key} {last[key]:.3f}" for key in METRICS)
                       + f", {last['train_seconds']:.0f} s", flush=True)  # fmt: skip
@@ -278,9 +290,9 @@ def main() -> None:
                 report["equal_time"][name] = runs
                 continue
             steps = max(1, round(args.steps * reference / seconds))
-            for seed in args.seeds:
+            for seed in [seed for seed in args.seeds if missing("equal_time", name, seed)]:
                 run = run_in_child(_run, objective=OBJECTIVES[name], seed=seed, steps=steps, settings=settings)
-                report["equal_time"].setdefault(name, []).append(run)
+                report["equal_time"].setdefault(name, []).append({**run, "seed": seed})
                 save()
             print(f"{name} at equal wall time ({steps} steps): {table_row(report, name)}", flush=True)
         save()
