@@ -53,7 +53,8 @@ def test_example_prints_its_table_and_writes_eval_json(flags, tiny_pair, tmp_pat
     monkeypatch.setattr(example, "build_toy_pair", lambda cache_dir=None, config=None: copy.deepcopy(tiny_pair))
     example.main(*example.parse([*SMALL, *flags, "--output_dir", str(tmp_path)]))
     printed = capsys.readouterr().out
-    for row in ("teacher", "student_before", "student_after", "gap recovery (avg@2)", "reverse_kl", "forward_kl"):
+    rows = ("teacher", "student_before", "student_after", "gap recovery (avg@2)", "reverse_kl", "forward_kl")
+    for row in (*rows, "student_entropy", "mean_length"):
         assert row in printed, f"the table lost its {row!r} row:\n{printed}"
     report = json.loads((tmp_path / "eval.json").read_text())
     for name in ("teacher", "student_before", "student_after"):
@@ -63,6 +64,8 @@ def test_example_prints_its_table_and_writes_eval_json(flags, tiny_pair, tmp_pat
     for phase in ("before", "after"):
         divergence = report["heldout_kl"][phase]
         assert divergence["n_tokens"] > 0 and divergence["reverse_kl"] >= 0 and divergence["forward_kl"] >= 0
+        assert divergence["mean_length"] == divergence["n_tokens"] / divergence["n_problems"]
+        assert 0 < divergence["mean_length"] <= 12 and divergence["student_entropy"] >= 0
     if "--use_peft" in flags:
         assert (tmp_path / "adapter_config.json").exists(), "--use_peft must save a LoRA adapter"
 
@@ -121,7 +124,7 @@ def test_a_finished_run_is_kept_unless_overwriting_is_asked_for(tiny_pair, tmp_p
 
 def test_each_objective_gets_its_own_output_dir_unless_one_is_given(tmp_path, monkeypatch):
     example = load_example(monkeypatch)
-    root = Path(example.PRESETS["toy"]["output_dir"])
+    root = Path(example.PRESETS["horizon"]["output_dir"])
     runs = {}
     for flags in (["--kl_direction", "forward"], ["--kl_direction", "reverse"], ["--use_peft"]):
         script_args, args, model_args = example.parse(flags)
@@ -150,10 +153,11 @@ def test_help_leads_with_the_script_and_opd_flags_and_names_preset_values(monkey
         assert f"  {flag}" in short, f"--help lost {flag}"
     assert "--adam_beta1" not in short and "--adam_beta1" in full, "--help-all must list every TrainingArguments flag"
     words = " ".join(short.split())
-    assert "--kl_direction" in words and "(default: mixed, from preset toy; OPDConfig default: reverse)" in words
-    assert "(default: 0.8, from preset toy; OPDConfig default: 0.5)" in words
-    horizon = " ".join(_help(example, ["--preset", "horizon", "--help"], capsys).split())
-    assert "(default: reverse, from preset horizon; OPDConfig default: reverse)" in horizon
+    assert "--kl_direction" in words and "(default: reverse, from preset horizon; OPDConfig default: reverse)" in words
+    assert "(default: 256, from preset horizon; OPDConfig default: 512)" in words
+    toy = " ".join(_help(example, ["--preset", "toy", "--help"], capsys).split())
+    assert "(default: mixed, from preset toy; OPDConfig default: reverse)" in toy
+    assert "(default: 0.8, from preset toy; OPDConfig default: 0.5)" in toy
     gsm8k = " ".join(_help(example, ["--preset", "gsm8k", "--help"], capsys).split())
     assert "(default: reverse, from preset gsm8k; OPDConfig default: reverse)" in gsm8k
 

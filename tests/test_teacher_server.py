@@ -285,11 +285,14 @@ def test_stop_token_ids_must_be_integers(server):
     assert response.status_code == 400 and response.json()["error"]["param"] == "stop_token_ids"
 
 
-def test_serve_teacher_toy_serves_the_toy_teacher_with_the_toy_tokenizer(monkeypatch, capsys):
-    """`trl-opd serve-teacher toy` serves the example's toy teacher (built or loaded by `build_toy_pair`)."""
+@pytest.mark.parametrize("world", ["horizon", "toy"])
+def test_serve_teacher_names_an_embedded_worlds_teacher(world, monkeypatch, capsys):
+    """`trl-opd serve-teacher horizon|toy` serves that preset's teacher (built or loaded by `build_toy_pair`)."""
     import types
 
     from trl_opd import cli
+    from trl_opd.horizon import HorizonPairConfig
+    from trl_opd.toy import ToyPairConfig
 
     tokenizer = build_tokenizer()
     teacher = build_model(tokenizer, hidden_size=16, num_layers=1, seed=3)
@@ -300,8 +303,10 @@ def test_serve_teacher_toy_serves_the_toy_teacher_with_the_toy_tokenizer(monkeyp
         httpd = types.SimpleNamespace(shutdown=lambda: None)
         return types.SimpleNamespace(url="http://fake", httpd=httpd, wait=lambda: None, shutdown=lambda: None)
 
-    monkeypatch.setattr(cli, "build_toy_pair", lambda: (teacher, None, tokenizer))
+    configs = []
+    monkeypatch.setattr(cli, "build_toy_pair", lambda config: configs.append(config) or (teacher, None, tokenizer))
     monkeypatch.setattr(cli, "serve", fake_serve)
     monkeypatch.setattr(cli.signal, "signal", lambda *args: None)
-    cli.main(["serve-teacher", "toy", "--device", "cpu"])
-    assert served["model"] is teacher and served["tokenizer"] is tokenizer and served["name"] == "toy"
+    cli.main(["serve-teacher", world, "--device", "cpu"])
+    assert served["model"] is teacher and served["tokenizer"] is tokenizer and served["name"] == world
+    assert configs == [{"horizon": HorizonPairConfig(), "toy": ToyPairConfig()}[world]]

@@ -13,11 +13,12 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
+from trl_opd.horizon import HorizonPairConfig
 from trl_opd.teacher_server import serve
-from trl_opd.toy import build_toy_pair
+from trl_opd.toy import ToyPairConfig, build_toy_pair
 
 GENERIC_TOKENIZERS = {"TokenizersBackend", "PreTrainedTokenizerFast"}
-TOY = "toy"  # MODEL naming the toy teacher
+WORLDS = {"horizon": HorizonPairConfig, "toy": ToyPairConfig}  # MODEL names of the embedded worlds' teachers
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -32,8 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
     teacher.add_argument(
         "model",
         metavar="MODEL",
-        help="a directory saved with save_pretrained, a hub id, or 'toy' (the toy teacher of `trl_opd.toy`, built or "
-        "loaded from its cache, as the example's toy preset uses it)",
+        help="a directory saved with save_pretrained, a hub id, or 'horizon' / 'toy' (the teacher of the example's "
+        "preset of that name, `trl_opd.horizon` / `trl_opd.toy`, built or loaded from its cache as the example does)",
     )
     teacher.add_argument("--host", default="127.0.0.1")
     teacher.add_argument("--port", type=int, default=8000, help="0 picks a free port")
@@ -57,8 +58,8 @@ def load_tokenizer(model: str) -> PreTrainedTokenizerBase:
 
 def serve_teacher(args: argparse.Namespace) -> None:
     """Load MODEL and its tokenizer, serve them until SIGTERM or Ctrl-C."""
-    if args.model == TOY:
-        model, _, tokenizer = build_toy_pair()
+    if args.model in WORLDS:
+        model, _, tokenizer = build_toy_pair(config=WORLDS[args.model]())
         model = model.to(dtype=getattr(torch, args.dtype), device=args.device)
     else:
         model = AutoModelForCausalLM.from_pretrained(args.model, dtype=getattr(torch, args.dtype)).to(args.device)
