@@ -4,6 +4,7 @@ benchmark's job; one objective's run is exercised by the toy world's tests and t
 from __future__ import annotations
 
 import importlib.util
+import json
 import sys
 from pathlib import Path
 
@@ -54,3 +55,30 @@ def test_every_objective_is_one_of_the_papers_cells_or_the_curriculum(benchmark)
     assert {"teacher", "student", "dataset"} <= sources and {"forward", "reverse"} <= directions
     assert benchmark.OBJECTIVES[benchmark.DEFAULT] == {}  # the preset's own objective, whatever it is
     assert benchmark.OBJECTIVES[benchmark.CURRICULUM] == {"curriculum": True}
+
+
+def test_resume_adds_only_the_missing_runs_and_refuses_other_settings(benchmark, tmp_path, monkeypatch):
+    out = tmp_path / "report.json"
+    asked = []
+
+    def fake_child(target, **kwargs):
+        if target is benchmark._reference:
+            return {"teacher": {"avg_at_k": 0.9}, "before": {"avg_at_k": 0.1}}
+        asked.append((kwargs["seed"], kwargs["steps"]))
+        return _run(kwargs["steps"], 10.0 * kwargs["steps"], 0.5)
+
+    monkeypatch.setattr(benchmark, "run_in_child", fake_child)
+    monkeypatch.setattr(benchmark, "plot", lambda report, path: None)
+    common = ["--out", str(out), "--steps", "4", "--n_eval", "2", "--objectives", benchmark.DEFAULT, "--no_equal_time"]
+    monkeypatch.setattr(sys, "argv", ["paper_tradeoffs.py", *common, "--seeds", "0"])
+    benchmark.main()
+    monkeypatch.setattr(sys, "argv", ["paper_tradeoffs.py", *common, "--seeds", "0", "1", "--resume"])
+    benchmark.main()
+    assert asked == [(0, 4), (1, 4)], "a resumed benchmark re-ran a seed it had"
+    report = json.loads(out.read_text())
+    assert [run["seed"] for run in report["equal_steps"][benchmark.DEFAULT]] == [0, 1]
+    assert report["settings"]["seeds"] == [0, 1]
+    other_steps = [*common[:3], "8", *common[4:]]
+    monkeypatch.setattr(sys, "argv", ["paper_tradeoffs.py", *other_steps, "--seeds", "2", "--resume"])
+    with pytest.raises(ValueError, match="steps"):
+        benchmark.main()
